@@ -1,0 +1,110 @@
+"""What each task does, as plain functions over an engine and a store (no Celery here: unit-testable as is).
+
+Every step is idempotent by message id: a redelivered or duplicated task finds the turn already classified or
+done and does nothing, so a conversation never shows a turn, a label or a reply twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Protocol
+
+from worker.errors import InvalidMessage, NotReady
+from worker.schemas import Sentiment, Status, Turn, validate_text
+from worker.store import ResultsStore
+
+log = logging.getLogger(__name__)
+
+
+class EngineLike(Protocol):
+    """What the pipeline needs of the engine (the real one, or a test double in pipeline-only tests)."""
+
+    model_id: str
+
+    def classify(self, texts: list[str], batch_size: int | None = None) -> list[Sentiment]: ...
+
+    def reply(self, history: list[tuple[str, str]], text: str) -> Any: ...
+
+
+def classify_turn(engine: EngineLike, store: ResultsStore, message_id: str, max_chars: int) -> Turn:
+    """Label one turn. Returns the stored turn; a turn already past this step is returned untouched."""
+    turn = store.get_turn(message_id)
+    if turn.status is not Status.queued:
+        log.info("classify %s: already %s, skipped", message_id, turn.status.value)
+        return turn
+    try:
+        validate_text(turn.text, max_chars)
+    except InvalidMessage as e:
+        store.mark_failed(message_id, f"invalid message: {e}")
+        raise
+    (sentiment,) = engine.classify([turn.text])
+    store.mark_classified(message_id, sentiment, engine.model_id)
+    return store.get_turn(message_id)
+
+
+def classify_turns(
+    engine: EngineLike, store: ResultsStore, message_ids: list[str], max_chars: int
+) -> dict[str, str]:
+    """Label many turns in batched forward passes (the bulk path). Returns {message_id: outcome}.
+
+    A bad or missing turn does not sink the batch: it is marked failed (or reported missing) and the rest go on.
+    """
+    outcome: dict[str, str] = {}
+    todo: list[Turn] = []
+    for mid, turn in zip(message_ids, store.get_turns(message_ids)):
+        if turn is None:
+            outcome[mid] = "missing"
+        elif turn.status is not Status.queued:
+            outcome[mid] = "skipped"
+        else:
+            try:
+                validate_text(turn.text, max_chars)
+                todo.append(turn)
+            except InvalidMessage as e:
+                store.mark_failed(mid, f"invalid message: {e}")
+                outcome[mid] = "failed"
+    if todo:
+        for turn, sentiment in zip(todo, engine.classify([t.text for t in todo])):
+            store.mark_classified(turn.message_id, sentiment, engine.model_id)
+            outcome[turn.message_id] = "classified"
+    return outcome
+
+
+def finish_sentiment_only(store: ResultsStore, message_ids: list[str], model_id: str) -> None:
+    """Bulk jobs that want no reply: a classified turn is done, with an empty reply."""
+    for mid, turn in zip(message_ids, store.get_turns(message_ids)):
+        if turn is not None and turn.status is Status.classified:
+            store.mark_done(mid, "", model_id)
+
+
+def history_for(store: ResultsStore, turn: Turn, order_wait_seconds: float, now: float | None = None) -> list[Turn]:
+    """The earlier turns of the conversation a reply may see: all turns before this one, once they are finished.
+
+    While an earlier turn is still in flight (another worker has it), raise :class:`NotReady` so the reply waits
+    and its prompt holds exactly the turns before it. After ``order_wait_seconds`` we stop waiting for a turn
+    that may never finish (its worker lost, its message expired) and go on with the finished ones.
+    """
+    conv = store.get_conversation(turn.conversation_id)
+    earlier = [t for t in conv.turns if t.seq < turn.seq]
+    pending = [t for t in earlier if not t.status.terminal]
+    now = time.time() if now is None else now
+    if pending and now - turn.created_at < order_wait_seconds:
+        raise NotReady(
+            f"turn {turn.seq} of {turn.conversation_id!r} waits for earlier turn(s) "
+            f"{[t.seq for t in pending]} to finish"
+        )
+    return [t for t in earlier if t.status is Status.done and t.reply]
+
+
+def reply_turn(engine: EngineLike, store: ResultsStore, message_id: str, order_wait_seconds: float) -> Turn:
+    """Write the chat reply of one turn, seeing the conversation's earlier turns."""
+    turn = store.get_turn(message_id)
+    if turn.status.terminal:
+        log.info("reply %s: already %s, skipped", message_id, turn.status.value)
+        return turn
+    history = history_for(store, turn, order_wait_seconds)
+    reply = engine.reply([(t.text, t.reply or "") for t in history], turn.text)
+    note = "reply cut at the time bound (ALLINONE_REPLY_TIMEOUT_SECONDS)" if reply.timed_out else None
+    store.mark_done(message_id, reply.text, engine.model_id, error=note)
+    return store.get_turn(message_id)

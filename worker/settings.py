@@ -1,0 +1,151 @@
+"""The one settings object. Every knob of the product lives here, read from the environment (prefix ``ALLINONE_``).
+
+``celeryconfig.py``, the worker, the producer and every CLI read this; nothing else reads the environment.
+This module must stay importable without torch: the producer imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_threads() -> int:
+    # Cores this process may run on (cgroup/affinity aware), not the host's count: oversubscribing two cores
+    # with four torch threads halves throughput.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Settings of broker, results store, model and prompts. Environment: ``ALLINONE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ALLINONE_", env_file=".env", extra="ignore")
+
+    # --- Redis: broker and results store -------------------------------------------------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL for both the Celery broker and the results store. "
+        "redis://[:password@]host:port/db, rediss:// for TLS (add ?ssl_cert_reqs=required), or unix:///path.sock.",
+    )
+    key_prefix: str = Field(
+        "allinone", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every results-store key."
+    )
+    result_ttl_seconds: int = Field(
+        7 * 24 * 3600, ge=60, description="Conversations and turns expire this long after their last write."
+    )
+    live_queue: str = Field("live", description="Queue for single messages (web backends); consumed first.")
+    bulk_queue: str = Field("bulk", description="Queue for back-processing jobs; consumed when live is empty.")
+    visibility_timeout_seconds: int = Field(
+        600,
+        ge=10,
+        description="A task taken by a worker that dies unacknowledged is redelivered after this long. "
+        "Must exceed the longest task (reply_timeout_seconds plus a batch of sentiment).",
+    )
+    order_wait_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="A reply waits (re-queued with a countdown) up to this long for the earlier turns of its "
+        "conversation to finish, so its prompt holds exactly the turns before it.",
+    )
+    redis_retry_seconds: float = Field(
+        10.0, ge=0, description="The producer retries a Redis that does not answer, with backoff, this long."
+    )
+
+    # --- Model ---------------------------------------------------------------------------------------------
+    model: str = Field(
+        "Qwen/Qwen1.5-0.5B-Chat",
+        description="A Hugging Face hub id, a local model folder, or a .gguf file (converted once, then cached).",
+    )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "allinone",
+        description="Where GGUF models are cached once converted to safetensors, so the next start takes seconds.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights dtype. auto: bfloat16 only where the CPU computes it natively (AVX512-BF16 or AMX), "
+        "else float32.",
+    )
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: torch dynamic quantisation of Linear layers (faster decode, check accuracy)."
+    )
+    threads: int = Field(default_factory=_default_threads, ge=1, le=256, description="torch intra-op threads.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off: safer).")
+
+    # --- Sentiment -----------------------------------------------------------------------------------------
+    sentiment_max_tokens: int = Field(
+        128, ge=8, le=4096, description="A message is cut to this many tokens for sentiment (its head is kept)."
+    )
+    sentiment_batch_size: int = Field(16, ge=1, le=512, description="Messages per forward pass on the bulk path.")
+    sentiment_head: Path | None = Field(
+        None, description="A trained sentiment head (python -m worker.calibrate); absent: prompt scoring alone."
+    )
+
+    # --- Replies -------------------------------------------------------------------------------------------
+    system_prompt: str = Field(
+        "You are a helpful, friendly assistant. Answer briefly, in the language of the user.",
+        description="System prompt of the chat reply. User text can never replace it.",
+    )
+    max_new_tokens: int = Field(64, ge=1, le=2048, description="Longest reply, in tokens.")
+    do_sample: bool = Field(True, description="Sample replies (true) or decode greedily (false).")
+    temperature: float = Field(0.7, gt=0, le=5, description="Sampling temperature.")
+    top_p: float = Field(0.8, gt=0, le=1, description="Nucleus sampling mass.")
+    repetition_penalty: float = Field(1.05, ge=1, le=3, description="Penalty on repeated tokens.")
+    seed: int | None = Field(None, description="Seed for sampling; set it for reproducible replies.")
+    history_tokens: int = Field(
+        1024, ge=0, le=32768, description="Token budget for the conversation's earlier turns in the reply prompt."
+    )
+    reply_timeout_seconds: float = Field(
+        120.0, gt=0, description="Wall-clock bound of one reply's decoding (enforced in-process: any pool)."
+    )
+
+    # --- Input ---------------------------------------------------------------------------------------------
+    max_message_chars: int = Field(8000, ge=1, description="Longer messages are refused with a clear error.")
+    max_id_chars: int = Field(200, ge=8, le=1000, description="Longest conversation or message id.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"ALLINONE_REDIS_URL must start with redis://, rediss:// or unix:// (got {v.split('@')[-1]!r})"
+            )
+        return v
+
+    def resolved_dtype(self) -> str:
+        """The dtype to load weights in: ``auto`` resolved against what this CPU computes natively."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 arithmetic (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0] if ":" in creds else ""
+    return f"{scheme}://{user}:***@{host}"

@@ -1,0 +1,421 @@
+"""The results store, keyed by conversation id: a Redis implementation and an in-memory stand-in.
+
+Redis key layout (``{p}`` is ``ALLINONE_KEY_PREFIX``, default ``allinone``)::
+
+    {p}:conv:{conversation_id}   list   message ids in submission order; a turn's index is its ``seq``
+    {p}:turn:{message_id}        hash   one turn: message_id, conversation_id, seq, text, status, sentiment (JSON),
+                                        reply, error, model, queue, created_at, classified_at, done_at, attempts
+    {p}:deadletter               list   JSON {"payload", "reason", "at"} of task messages that could not be tied
+                                        to a turn (malformed payloads), newest first, capped at 10,000
+    {p}:worker:{hostname}        hash   heartbeat of a worker whose model is loaded (expires when it stops beating)
+
+Every write refreshes the TTL (``ALLINONE_RESULT_TTL_SECONDS``) of the turn and of its conversation, so a
+conversation lives that long after its last activity. Message ids are global: the same id submitted twice is one
+turn (idempotency), whichever process submits it.
+
+This module must stay importable without torch: the producer uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from worker.errors import MessageIdConflict, StoreUnavailable, UnknownConversation, UnknownMessage
+from worker.schemas import Conversation, Sentiment, Status, Turn
+
+T = TypeVar("T")
+DEADLETTER_CAP = 10_000
+
+
+class ResultsStore(Protocol):
+    """What the worker and the producer need from a results store."""
+
+    def create_turn(
+        self, conversation_id: str, message_id: str, text: str, queue: str | None = None
+    ) -> tuple[Turn, bool]:
+        """Append a queued turn; idempotent by message id. Returns (turn, created)."""
+        ...
+
+    def get_turn(self, message_id: str) -> Turn: ...
+
+    def get_turns(self, message_ids: list[str]) -> list[Turn | None]: ...
+
+    def get_conversation(self, conversation_id: str) -> Conversation: ...
+
+    def mark_enqueued(self, message_id: str) -> None: ...
+
+    def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> None: ...
+
+    def mark_done(self, message_id: str, reply: str, model: str, error: str | None = None) -> None: ...
+
+    def mark_failed(self, message_id: str, reason: str) -> None: ...
+
+    def bump_attempts(self, message_id: str) -> int: ...
+
+    def dead_letter(self, payload: Any, reason: str) -> None: ...
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    def heartbeat(self, worker: str, info: dict[str, Any], ttl: int) -> None: ...
+
+    def workers(self) -> dict[str, dict[str, Any]]: ...
+
+    def ping(self) -> bool: ...
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Encoding of a turn as a flat hash (shared by both stores so they cannot drift apart).
+
+
+def _turn_to_fields(turn: Turn) -> dict[str, str]:
+    data = turn.model_dump(mode="json", exclude_none=True)
+    if "sentiment" in data:
+        data["sentiment"] = json.dumps(data["sentiment"])
+    return {k: str(v) if not isinstance(v, str) else v for k, v in data.items()}
+
+
+def _turn_from_fields(fields: dict[str, str]) -> Turn:
+    data: dict[str, Any] = dict(fields)
+    if "sentiment" in data:
+        data["sentiment"] = json.loads(data["sentiment"])
+    return Turn.model_validate(data)
+
+
+def _check_same(turn: Turn, conversation_id: str, text: str) -> None:
+    if turn.conversation_id != conversation_id or turn.text != text:
+        raise MessageIdConflict(
+            f"message id {turn.message_id!r} was already submitted "
+            f"{'to conversation ' + repr(turn.conversation_id) if turn.conversation_id != conversation_id else 'with another text'}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RedisStore:
+    """The results store in Redis (layout in the module docstring)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = "allinone",
+        ttl_seconds: int = 7 * 24 * 3600,
+    ) -> None:
+        self.r = client
+        self.prefix = prefix
+        self.ttl = ttl_seconds
+
+    @classmethod
+    def from_url(
+        cls, url: str, prefix: str = "allinone", ttl_seconds: int = 7 * 24 * 3600, retry_seconds: float = 10.0
+    ) -> RedisStore:
+        """A store whose client retries a Redis that went away, with exponential backoff, for about
+        ``retry_seconds`` in all, then raises :class:`StoreUnavailable`."""
+        # redis-py's own retry: backoff 0.1 s doubling up to 2 s; enough tries to span retry_seconds.
+        tries, spent, step = 0, 0.0, 0.1
+        while spent < retry_seconds:
+            spent += min(step, 2.0) + 1.0  # + socket_connect_timeout of each try
+            step *= 2
+            tries += 1
+        client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=1.0,
+            socket_timeout=10.0,
+            health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), tries),
+            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        )
+        return cls(client, prefix=prefix, ttl_seconds=ttl_seconds)
+
+    # keys -------------------------------------------------------------------------------------------------
+    def conv_key(self, conversation_id: str) -> str:
+        return f"{self.prefix}:conv:{conversation_id}"
+
+    def turn_key(self, message_id: str) -> str:
+        return f"{self.prefix}:turn:{message_id}"
+
+    @property
+    def deadletter_key(self) -> str:
+        return f"{self.prefix}:deadletter"
+
+    def worker_key(self, worker: str) -> str:
+        return f"{self.prefix}:worker:{worker}"
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            raise StoreUnavailable(f"Redis did not answer: {e}") from e
+
+    # writes -----------------------------------------------------------------------------------------------
+    def create_turn(
+        self, conversation_id: str, message_id: str, text: str, queue: str | None = None
+    ) -> tuple[Turn, bool]:
+        tkey, ckey = self.turn_key(message_id), self.conv_key(conversation_id)
+
+        def txn(pipe: redis.client.Pipeline) -> tuple[Turn, bool]:
+            # WATCH makes "read the length, append at that index" atomic against other producers.
+            existing = pipe.hgetall(tkey)
+            if existing:
+                return _turn_from_fields(existing), False
+            seq = pipe.llen(ckey)
+            turn = Turn(message_id=message_id, conversation_id=conversation_id, seq=seq, text=text, queue=queue)
+            pipe.multi()
+            pipe.rpush(ckey, message_id)
+            pipe.hset(tkey, mapping=_turn_to_fields(turn))
+            pipe.expire(ckey, self.ttl)
+            pipe.expire(tkey, self.ttl)
+            return turn, True
+
+        with self._guard():
+            turn, created = self.r.transaction(txn, tkey, ckey, value_from_callable=True)
+        if not created:
+            _check_same(turn, conversation_id, text)
+        return turn, created
+
+    def _update(self, message_id: str, fields: dict[str, str]) -> None:
+        tkey = self.turn_key(message_id)
+        with self._guard():
+            conv = self.r.hget(tkey, "conversation_id")
+            if conv is None:
+                raise UnknownMessage(f"no turn with message id {message_id!r} (never submitted, or expired)")
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hset(tkey, mapping=fields)
+            pipe.expire(tkey, self.ttl)
+            pipe.expire(self.conv_key(conv), self.ttl)
+            pipe.execute()
+
+    def mark_enqueued(self, message_id: str) -> None:
+        self._update(message_id, {"enqueued_at": str(time.time())})
+
+    def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> None:
+        self._update(
+            message_id,
+            {
+                "status": Status.classified.value,
+                "sentiment": sentiment.model_dump_json(),
+                "model": model,
+                "classified_at": str(time.time()),
+            },
+        )
+
+    def mark_done(self, message_id: str, reply: str, model: str, error: str | None = None) -> None:
+        fields = {"status": Status.done.value, "reply": reply, "model": model, "done_at": str(time.time())}
+        if error:
+            fields["error"] = error
+        self._update(message_id, fields)
+
+    def mark_failed(self, message_id: str, reason: str) -> None:
+        self._update(message_id, {"status": Status.failed.value, "error": reason, "done_at": str(time.time())})
+
+    def bump_attempts(self, message_id: str) -> int:
+        tkey = self.turn_key(message_id)
+        with self._guard():
+            if not self.r.exists(tkey):
+                raise UnknownMessage(f"no turn with message id {message_id!r} (never submitted, or expired)")
+            return int(self.r.hincrby(tkey, "attempts", 1))
+
+    def dead_letter(self, payload: Any, reason: str) -> None:
+        record = json.dumps({"payload": payload, "reason": reason, "at": time.time()}, default=repr)
+        with self._guard():
+            pipe = self.r.pipeline(transaction=True)
+            pipe.lpush(self.deadletter_key, record)
+            pipe.ltrim(self.deadletter_key, 0, DEADLETTER_CAP - 1)
+            pipe.execute()
+
+    def heartbeat(self, worker: str, info: dict[str, Any], ttl: int) -> None:
+        key = self.worker_key(worker)
+        with self._guard():
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hset(key, mapping={k: json.dumps(v) for k, v in info.items()})
+            pipe.expire(key, ttl)
+            pipe.execute()
+
+    # reads ------------------------------------------------------------------------------------------------
+    def get_turn(self, message_id: str) -> Turn:
+        with self._guard():
+            fields = self.r.hgetall(self.turn_key(message_id))
+        if not fields:
+            raise UnknownMessage(f"no turn with message id {message_id!r} (never submitted, or expired)")
+        return _turn_from_fields(fields)
+
+    def get_turns(self, message_ids: list[str]) -> list[Turn | None]:
+        with self._guard():
+            pipe = self.r.pipeline(transaction=False)
+            for mid in message_ids:
+                pipe.hgetall(self.turn_key(mid))
+            rows = pipe.execute()
+        return [_turn_from_fields(f) if f else None for f in rows]
+
+    def get_conversation(self, conversation_id: str) -> Conversation:
+        with self._guard():
+            ids = self.r.lrange(self.conv_key(conversation_id), 0, -1)
+        if not ids:
+            raise UnknownConversation(f"no conversation {conversation_id!r} (never submitted to, or expired)")
+        turns = [t for t in self.get_turns(ids) if t is not None]
+        return Conversation(conversation_id=conversation_id, turns=turns)
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._guard():
+            return [json.loads(x) for x in self.r.lrange(self.deadletter_key, 0, limit - 1)]
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        with self._guard():
+            for key in self.r.scan_iter(match=f"{self.prefix}:worker:*", count=100):
+                fields = self.r.hgetall(key)
+                if fields:
+                    out[key.split(":worker:", 1)[1]] = {k: json.loads(v) for k, v in fields.items()}
+        return out
+
+    def ping(self) -> bool:
+        with self._guard():
+            return bool(self.r.ping())
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MemoryStore:
+    """The same store in one process's memory, for unit tests and for trying the engine without Redis.
+
+    Turns are kept in their hash encoding so that the round trip the Redis store does is exercised here too.
+    """
+
+    def __init__(self, ttl_seconds: int = 7 * 24 * 3600, clock: Callable[[], float] = time.monotonic) -> None:
+        self._turns: dict[str, dict[str, str]] = {}
+        self._convs: dict[str, list[str]] = {}
+        self._expiry: dict[str, float] = {}
+        self._dead: list[dict[str, Any]] = []
+        self._workers: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self.ttl = ttl_seconds
+        self.clock = clock
+
+    def _alive(self, key: str) -> bool:
+        if self._expiry.get(key, float("inf")) <= self.clock():
+            self._turns.pop(key[2:], None) if key.startswith("t:") else self._convs.pop(key[2:], None)
+            self._expiry.pop(key, None)
+            return False
+        return True
+
+    def _touch(self, conversation_id: str, message_id: str) -> None:
+        now = self.clock()
+        self._expiry["c:" + conversation_id] = now + self.ttl
+        self._expiry["t:" + message_id] = now + self.ttl
+
+    def create_turn(
+        self, conversation_id: str, message_id: str, text: str, queue: str | None = None
+    ) -> tuple[Turn, bool]:
+        with self._lock:
+            if message_id in self._turns and self._alive("t:" + message_id):
+                turn = _turn_from_fields(self._turns[message_id])
+                _check_same(turn, conversation_id, text)
+                return turn, False
+            ids = self._convs.setdefault(conversation_id, []) if self._alive("c:" + conversation_id) else []
+            self._convs[conversation_id] = ids
+            turn = Turn(message_id=message_id, conversation_id=conversation_id, seq=len(ids), text=text, queue=queue)
+            ids.append(message_id)
+            self._turns[message_id] = _turn_to_fields(turn)
+            self._touch(conversation_id, message_id)
+            return turn, True
+
+    def _update(self, message_id: str, fields: dict[str, str]) -> None:
+        with self._lock:
+            if message_id not in self._turns or not self._alive("t:" + message_id):
+                raise UnknownMessage(f"no turn with message id {message_id!r} (never submitted, or expired)")
+            self._turns[message_id].update(fields)
+            self._touch(self._turns[message_id]["conversation_id"], message_id)
+
+    def mark_enqueued(self, message_id: str) -> None:
+        self._update(message_id, {"enqueued_at": str(time.time())})
+
+    def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> None:
+        self._update(
+            message_id,
+            {
+                "status": Status.classified.value,
+                "sentiment": sentiment.model_dump_json(),
+                "model": model,
+                "classified_at": str(time.time()),
+            },
+        )
+
+    def mark_done(self, message_id: str, reply: str, model: str, error: str | None = None) -> None:
+        fields = {"status": Status.done.value, "reply": reply, "model": model, "done_at": str(time.time())}
+        if error:
+            fields["error"] = error
+        self._update(message_id, fields)
+
+    def mark_failed(self, message_id: str, reason: str) -> None:
+        self._update(message_id, {"status": Status.failed.value, "error": reason, "done_at": str(time.time())})
+
+    def bump_attempts(self, message_id: str) -> int:
+        with self._lock:
+            if message_id not in self._turns or not self._alive("t:" + message_id):
+                raise UnknownMessage(f"no turn with message id {message_id!r} (never submitted, or expired)")
+            fields = self._turns[message_id]
+            fields["attempts"] = str(int(fields.get("attempts", "0")) + 1)
+            return int(fields["attempts"])
+
+    def dead_letter(self, payload: Any, reason: str) -> None:
+        with self._lock:
+            self._dead.insert(0, {"payload": payload, "reason": reason, "at": time.time()})
+            del self._dead[DEADLETTER_CAP:]
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        return list(self._dead[:limit])
+
+    def heartbeat(self, worker: str, info: dict[str, Any], ttl: int) -> None:
+        self._workers[worker] = (self.clock() + ttl, dict(info))
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        now = self.clock()
+        return {w: info for w, (until, info) in self._workers.items() if until > now}
+
+    def get_turn(self, message_id: str) -> Turn:
+        with self._lock:
+            if message_id not in self._turns or not self._alive("t:" + message_id):
+                raise UnknownMessage(f"no turn with message id {message_id!r} (never submitted, or expired)")
+            return _turn_from_fields(self._turns[message_id])
+
+    def get_turns(self, message_ids: list[str]) -> list[Turn | None]:
+        out: list[Turn | None] = []
+        for mid in message_ids:
+            try:
+                out.append(self.get_turn(mid))
+            except UnknownMessage:
+                out.append(None)
+        return out
+
+    def get_conversation(self, conversation_id: str) -> Conversation:
+        with self._lock:
+            ids = list(self._convs.get(conversation_id, [])) if self._alive("c:" + conversation_id) else []
+        if not ids:
+            raise UnknownConversation(f"no conversation {conversation_id!r} (never submitted to, or expired)")
+        turns = [t for t in self.get_turns(ids) if t is not None]
+        return Conversation(conversation_id=conversation_id, turns=turns)
+
+    def ping(self) -> bool:
+        return True
+
+
+def store_from_settings(settings: Any = None) -> RedisStore:
+    """The Redis store the settings point at."""
+    from worker.settings import get_settings
+
+    s = settings or get_settings()
+    return RedisStore.from_url(
+        s.redis_url, prefix=s.key_prefix, ttl_seconds=s.result_ttl_seconds, retry_seconds=s.redis_retry_seconds
+    )

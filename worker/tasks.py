@@ -1,0 +1,158 @@
+"""The Celery tasks: thin. Validate the payload, call the pipeline (engine + store), decide retry or give up.
+
+A message's life: ``allinone.classify`` -> (Celery chain) -> ``allinone.reply``; bulk jobs send
+``allinone.classify_batch`` with many message ids, sentiment only. Payloads are plain JSON:
+``{"message_id": str, "conversation_id": str}``; the text is in the results store.
+
+Errors:
+- a malformed payload (poison message) goes to the dead-letter list with the reason and is never retried;
+- a permanent error (bad text, unknown turn) is recorded on the turn as ``failed`` with the reason, and the chain
+  stops there;
+- a transient one (Redis away, an earlier turn still in flight) is retried with backoff;
+- anything unexpected is retried twice, then recorded as ``failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task, signals
+from celery.exceptions import Ignore, Retry
+
+from worker import pipeline, runtime
+from worker.app import app
+from worker.errors import NotReady, PermanentError, TransientError, UnknownMessage
+from worker.schemas import TaskPayload, parse_payload
+from worker.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+UNEXPECTED_RETRIES = 2
+TRANSIENT_RETRIES = 12
+
+
+class AllInOneTask(Task):
+    """Base of our tasks: whatever escapes the guard below still leaves a trace in the dead-letter list."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        try:
+            runtime.store().dead_letter(
+                {"task": self.name, "id": task_id, "args": args, "kwargs": kwargs}, f"{type(exc).__name__}: {exc}"
+            )
+        except Exception:  # pragma: no cover - Redis away: the log line below is all we can leave
+            log.exception("could not dead-letter failed task %s", task_id)
+
+
+def _backoff(retries: int) -> float:
+    return min(60.0, 1.0 * 2**retries)
+
+
+def _guarded(task: Task, raw: Any, step: Callable[[TaskPayload], Any]) -> Any:
+    store = runtime.store()
+    try:
+        payload = parse_payload(raw)
+    except PermanentError as e:
+        log.error("%s: poison message dead-lettered: %s", task.name, e)
+        store.dead_letter({"task": task.name, "payload": raw}, str(e))
+        raise Ignore() from None
+    runtime.count_task()
+    try:
+        return step(payload)
+    except NotReady as e:
+        # Waiting for an earlier turn is not a failure: poll again soon (bounded by ALLINONE_ORDER_WAIT_SECONDS).
+        log.info("%s %s: %s", task.name, payload.message_id, e)
+        raise task.retry(countdown=0.5, max_retries=None, exc=e) from None
+    except TransientError as e:
+        log.warning("%s %s: transient error, retry %d: %s", task.name, payload.message_id, task.request.retries, e)
+        raise task.retry(countdown=_backoff(task.request.retries), max_retries=TRANSIENT_RETRIES, exc=e) from None
+    except PermanentError as e:
+        log.error("%s %s: failed: %s", task.name, payload.message_id, e)
+        _record_failure(store, payload, raw, task.name, str(e))
+        raise Ignore() from None
+    except (Ignore, Retry):
+        raise
+    except Exception as e:
+        if task.request.retries < UNEXPECTED_RETRIES:
+            log.exception("%s %s: unexpected error, will retry", task.name, payload.message_id)
+            raise task.retry(countdown=_backoff(task.request.retries), exc=e) from None
+        log.exception("%s %s: unexpected error, giving up", task.name, payload.message_id)
+        _record_failure(store, payload, raw, task.name, f"internal error: {type(e).__name__}: {e}")
+        raise Ignore() from None
+
+
+def _record_failure(store: Any, payload: TaskPayload, raw: Any, task: str, reason: str) -> None:
+    try:
+        turn = store.get_turn(payload.message_id)
+        if not turn.status.terminal:
+            store.mark_failed(payload.message_id, reason)
+    except UnknownMessage:
+        store.dead_letter({"task": task, "payload": raw}, reason)
+
+
+@app.task(name="allinone.classify", bind=True, base=AllInOneTask)
+def classify(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+    """Sentiment of one message; returns the payload, which the chain hands to ``allinone.reply``."""
+
+    def step(p: TaskPayload) -> dict[str, Any]:
+        store = runtime.store()
+        store.bump_attempts(p.message_id)
+        pipeline.classify_turn(runtime.engine(), store, p.message_id, get_settings().max_message_chars)
+        return p.model_dump()
+
+    return _guarded(self, payload, step)
+
+
+@app.task(name="allinone.reply", bind=True, base=AllInOneTask)
+def reply(self: Task, payload: dict[str, Any]) -> None:
+    """The chat reply of one message, seeing the conversation's earlier turns."""
+
+    def step(p: TaskPayload) -> None:
+        pipeline.reply_turn(runtime.engine(), runtime.store(), p.message_id, get_settings().order_wait_seconds)
+
+    _guarded(self, payload, step)
+
+
+@app.task(name="allinone.classify_batch", bind=True, base=AllInOneTask)
+def classify_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, str]:
+    """Sentiment only, for many messages in batched forward passes (bulk jobs). Turns end ``done``, no reply."""
+    store = runtime.store()
+    if not isinstance(payloads, list):
+        store.dead_letter({"task": self.name, "payload": payloads}, "classify_batch takes a list of payloads")
+        raise Ignore()
+    good: list[str] = []
+    for raw in payloads:
+        try:
+            good.append(parse_payload(raw).message_id)
+        except PermanentError as e:
+            store.dead_letter({"task": self.name, "payload": raw}, str(e))
+
+    def step(_: TaskPayload) -> dict[str, str]:
+        s = get_settings()
+        outcome = pipeline.classify_turns(runtime.engine(), store, good, s.max_message_chars)
+        pipeline.finish_sentiment_only(store, good, runtime.engine().model_id)
+        return outcome
+
+    if not good:
+        raise Ignore()
+    # The guard needs one payload to name in its logs; the batch's first stands for it.
+    return _guarded(self, {"message_id": good[0], "conversation_id": "(batch)"}, step)
+
+
+# ----------------------------------------------------------------------------------------------- lifecycle
+
+
+@signals.worker_init.connect
+def _load_in_solo_worker(sender: Any = None, **_: Any) -> None:
+    # Under the solo pool tasks run in this very process: load here, once, before the first message is taken.
+    cls = getattr(sender, "pool_cls", None)
+    pool = f"{getattr(cls, '__module__', '')}.{getattr(cls, '__name__', '')}" if cls else str(app.conf.worker_pool)
+    if "solo" in pool.lower() or "thread" in pool.lower():
+        runtime.start(name=getattr(sender, "hostname", None))
+
+
+@signals.worker_process_init.connect
+def _load_in_pool_process(**_: Any) -> None:
+    # Under prefork each child owns its model, loaded once when the child starts.
+    runtime.start()
