@@ -105,6 +105,8 @@ def reply_turn(engine: EngineLike, store: ResultsStore, message_id: str, order_w
         return turn
     history = history_for(store, turn, order_wait_seconds)
     reply = engine.reply([(t.text, t.reply or "") for t in history], turn.text)
+    # The engine keeps the most recent turns that fit the history budget: those are the prompt's context.
+    kept = history[len(history) - reply.history_turns :] if reply.history_turns else []
     note = "reply cut at the time bound (ALLINONE_REPLY_TIMEOUT_SECONDS)" if reply.timed_out else None
-    store.mark_done(message_id, reply.text, engine.model_id, error=note)
+    store.mark_done(message_id, reply.text, engine.model_id, error=note, context=[t.message_id for t in kept])
     return store.get_turn(message_id)

@@ -55,6 +55,9 @@ class Turn(BaseModel):
     status: Status = Status.queued
     sentiment: Sentiment | None = None
     reply: str | None = None
+    context: list[str] | None = Field(
+        None, description="Message ids of the earlier turns the reply's prompt held, oldest first."
+    )
     error: str | None = None
     model: str | None = None
     queue: str | None = None

@@ -55,7 +55,9 @@ class ResultsStore(Protocol):
 
     def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> None: ...
 
-    def mark_done(self, message_id: str, reply: str, model: str, error: str | None = None) -> None: ...
+    def mark_done(
+        self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
+    ) -> None: ...
 
     def mark_failed(self, message_id: str, reason: str) -> None: ...
 
@@ -78,16 +80,27 @@ class ResultsStore(Protocol):
 
 def _turn_to_fields(turn: Turn) -> dict[str, str]:
     data = turn.model_dump(mode="json", exclude_none=True)
-    if "sentiment" in data:
-        data["sentiment"] = json.dumps(data["sentiment"])
+    for k in ("sentiment", "context"):
+        if k in data:
+            data[k] = json.dumps(data[k])
     return {k: str(v) if not isinstance(v, str) else v for k, v in data.items()}
 
 
 def _turn_from_fields(fields: dict[str, str]) -> Turn:
     data: dict[str, Any] = dict(fields)
-    if "sentiment" in data:
-        data["sentiment"] = json.loads(data["sentiment"])
+    for k in ("sentiment", "context"):
+        if k in data:
+            data[k] = json.loads(data[k])
     return Turn.model_validate(data)
+
+
+def _done_fields(reply: str, model: str, error: str | None, context: list[str] | None) -> dict[str, str]:
+    fields = {"status": Status.done.value, "reply": reply, "model": model, "done_at": str(time.time())}
+    if error:
+        fields["error"] = error
+    if context is not None:
+        fields["context"] = json.dumps(context)
+    return fields
 
 
 def _check_same(turn: Turn, conversation_id: str, text: str) -> None:
@@ -210,11 +223,10 @@ class RedisStore:
             },
         )
 
-    def mark_done(self, message_id: str, reply: str, model: str, error: str | None = None) -> None:
-        fields = {"status": Status.done.value, "reply": reply, "model": model, "done_at": str(time.time())}
-        if error:
-            fields["error"] = error
-        self._update(message_id, fields)
+    def mark_done(
+        self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
+    ) -> None:
+        self._update(message_id, _done_fields(reply, model, error, context))
 
     def mark_failed(self, message_id: str, reason: str) -> None:
         self._update(message_id, {"status": Status.failed.value, "error": reason, "done_at": str(time.time())})
@@ -352,11 +364,10 @@ class MemoryStore:
             },
         )
 
-    def mark_done(self, message_id: str, reply: str, model: str, error: str | None = None) -> None:
-        fields = {"status": Status.done.value, "reply": reply, "model": model, "done_at": str(time.time())}
-        if error:
-            fields["error"] = error
-        self._update(message_id, fields)
+    def mark_done(
+        self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
+    ) -> None:
+        self._update(message_id, _done_fields(reply, model, error, context))
 
     def mark_failed(self, message_id: str, reason: str) -> None:
         self._update(message_id, {"status": Status.failed.value, "error": reason, "done_at": str(time.time())})

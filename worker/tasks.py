@@ -143,13 +143,14 @@ def classify_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, str]
 # ----------------------------------------------------------------------------------------------- lifecycle
 
 
-@signals.worker_init.connect
-def _load_in_solo_worker(sender: Any = None, **_: Any) -> None:
-    # Under the solo pool tasks run in this very process: load here, once, before the first message is taken.
-    cls = getattr(sender, "pool_cls", None)
+@signals.celeryd_after_setup.connect
+def _load_in_solo_worker(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    # Under the solo pool tasks run in this very process: load here, once, after logging is set up and before
+    # the first message is taken (a failed load stops the worker with the reason, instead of failing tasks).
+    cls = getattr(instance, "pool_cls", None)
     pool = f"{getattr(cls, '__module__', '')}.{getattr(cls, '__name__', '')}" if cls else str(app.conf.worker_pool)
     if "solo" in pool.lower() or "thread" in pool.lower():
-        runtime.start(name=getattr(sender, "hostname", None))
+        runtime.start(name=str(sender) if sender else None)
 
 
 @signals.worker_process_init.connect

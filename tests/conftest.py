@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import TEST_DB, RedisServer, redis_answers  # noqa: E402
+from tiny_model import build_tiny_model  # noqa: E402
+
+# Tests never read the user's environment by accident, and never reach for the hub.
+for _k in [k for k in os.environ if k.startswith("ALLINONE_")]:
+    del os.environ[_k]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from worker.settings import Settings
+
+    return Settings(
+        model=str(tiny_model_dir),
+        dtype="float32",
+        do_sample=False,
+        max_new_tokens=8,
+        threads=1,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_settings):
+    from worker.engine import Engine
+
+    engine = Engine(tiny_settings)
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def redis_base_url() -> Iterator[str]:
+    """A real Redis: ALLINONE_TEST_REDIS_URL, else the local one (db 13), else one started here on its own port.
+
+    Outside CI a missing redis-server skips the tests that need it; in CI (CI=true) it fails them.
+    """
+    url = os.environ.get("ALLINONE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_DB}")
+    if redis_answers(url):
+        yield url
+        return
+    try:
+        server = RedisServer().start()
+    except RuntimeError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"no Redis for integration tests: {e}")
+        pytest.skip(f"no Redis for integration tests: {e}")
+    try:
+        yield server.url.rsplit("/", 1)[0] + f"/{TEST_DB}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def redis_url(redis_base_url: str) -> Iterator[str]:
+    """The test Redis database, empty before and after the test."""
+    client = redis.Redis.from_url(redis_base_url)
+    client.flushdb()
+    yield redis_base_url
+    client.flushdb()
