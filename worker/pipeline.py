@@ -94,7 +94,7 @@ def history_for(store: ResultsStore, turn: Turn, order_wait_seconds: float, now:
             f"turn {turn.seq} of {turn.conversation_id!r} waits for earlier turn(s) "
             f"{[t.seq for t in pending]} to finish"
         )
-    return [t for t in earlier if t.status is Status.done and t.reply]
+    return [t for t in earlier if t.status is Status.done]
 
 
 def reply_turn(engine: EngineLike, store: ResultsStore, message_id: str, order_wait_seconds: float) -> Turn:
