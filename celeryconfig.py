@@ -46,7 +46,8 @@ result_backend = None
 
 task_acks_late = True
 task_reject_on_worker_lost = True
-task_acks_on_failure_or_timeout = True
+task_acks_on_failure = True  # a task that raised is finished: acknowledge, never redeliver a poison message
+task_acks_on_timeout = True
 worker_prefetch_multiplier = 1
 worker_cancel_long_running_tasks_on_connection_loss = True
 worker_concurrency = 1
