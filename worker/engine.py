@@ -97,6 +97,16 @@ def gguf_cache_dir(gguf: Path, cache_root: Path, dtype: str) -> Path:
     return cache_root / f"{gguf.stem}-{h.hexdigest()[:16]}-{dtype}"
 
 
+def _gguf_dequantize() -> dict[str, Any]:
+    """Ask for plain dense weights: newer transformers keep GGUF blocks packed, which cannot be saved to the cache
+    and run through a float32 kernel that casts every bf16 matmul."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantise
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 class Engine:
     """Owns the tokenizer and the model. Not thread-safe: one worker process, one task at a time."""
 
@@ -199,7 +209,8 @@ class Engine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         trc = self.settings.trust_remote_code
-        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trc, **kw)
+        tok_kw = {k: v for k, v in kw.items() if k != "quantization_config"}  # a model option only
+        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trc, **tok_kw)
         self.model = AutoModelForCausalLM.from_pretrained(
             source, dtype=_DTYPES[dtype], trust_remote_code=trc, low_cpu_mem_usage=True, **kw
         )
@@ -211,7 +222,7 @@ class Engine:
             self._load_pretrained(str(cached), dtype)
             return str(cached), True
         log.info("converting %s once (dequantise to %s); next start loads %s", gguf.name, dtype, cached)
-        self._load_pretrained(str(gguf.parent), dtype, gguf_file=gguf.name)
+        self._load_pretrained(str(gguf.parent), dtype, gguf_file=gguf.name, **_gguf_dequantize())
         tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
