@@ -1,0 +1,302 @@
+"""The container files, read as data (no Docker engine needed): the stack is wired the way the worker needs.
+
+Each check is a small function returning the problems it finds; the real files must have none, and a broken
+sample must have some, so a check that can no longer fail is caught too.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from helpers import ROOT
+from worker.settings import Settings
+
+TORCH_VERSION = "2.13.0"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict[str, Any]:
+    return compose["services"]
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    return instructions((ROOT / "Dockerfile").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) of each Dockerfile instruction, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pending = f"{pending} {line}" if pending else line
+        if pending.endswith("\\"):
+            pending = pending[:-1].rstrip()
+            continue
+        keyword, _, args = pending.partition(" ")
+        out.append((keyword.upper(), args.strip()))
+        pending = ""
+    return out
+
+
+def environment(service: dict[str, Any]) -> dict[str, str | None]:
+    """A service's environment as a dict, whichever of the two compose forms it uses."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict((item.split("=", 1) + [None])[:2] for item in env)  # type: ignore[misc]
+    return {k: None if v is None else str(v) for k, v in env.items()}
+
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def resolve(value: str | None) -> str | None:
+    """The value compose would pass when the user's environment sets nothing: ``${X:-default}`` -> default."""
+    if value is None:
+        return None
+    return _INTERPOLATION.sub(lambda m: m.group(2) or "", value)
+
+
+def seconds(duration: str | int | float) -> float:
+    """A compose duration (``180s``, ``3m``, ``1m30s``, or a bare number of seconds) in seconds."""
+    if isinstance(duration, (int, float)):
+        return float(duration)
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a duration: {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def allinone_variables(compose_text: str, compose: dict[str, Any], docker_text: str) -> set[str]:
+    """Every ALLINONE_* name the container files set or interpolate."""
+    names = set(re.findall(r"\$\{(ALLINONE_[A-Za-z0-9_]*)", compose_text))
+    for service in compose["services"].values():
+        names |= {k for k in environment(service) if k.startswith("ALLINONE_")}
+    for keyword, args in instructions(docker_text):
+        if keyword in ("ENV", "ARG"):
+            names |= set(re.findall(r"\b(ALLINONE_[A-Za-z0-9_]+)=", args))
+    return names
+
+
+def unknown_settings(names: set[str]) -> set[str]:
+    return {n for n in names if n.removeprefix("ALLINONE_").lower() not in Settings.model_fields}
+
+
+def shell_commands(script: str) -> list[list[str]]:
+    """The words of each simple command in a RUN line (split at ``&&``, ``;``, ``|``, quotes respected)."""
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in ("&&", ";", "||", "|", "&"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
+def torch_problems(docker: list[tuple[str, str]]) -> list[str]:
+    """Why this Dockerfile could end up with a CUDA or an unpinned torch."""
+    problems: list[str] = []
+    torch_at = project_at = None
+    for i, (keyword, args) in enumerate(docker):
+        if keyword != "RUN":
+            continue
+        for words in shell_commands(args):
+            if "pip" not in words or "install" not in words:
+                continue
+            packages = [w for w in words[words.index("install") + 1 :] if not w.startswith("-")]
+            torches = [p for p in packages if re.match(r"^torch(?![a-z])", p)]
+            for p in torches:
+                if p != f"torch=={TORCH_VERSION}":
+                    problems.append(f"unpinned or wrongly pinned torch: {p!r}")
+            if torches:
+                if f"--index-url {CPU_INDEX}" not in " ".join(words):
+                    problems.append(f"torch installed without --index-url {CPU_INDEX}")
+                torch_at = i if torch_at is None else torch_at
+            if any(p.startswith(".[worker]") or p.endswith("[worker]") for p in packages):
+                project_at = i if project_at is None else project_at
+    if torch_at is None:
+        problems.append(f"torch=={TORCH_VERSION} is never installed from the CPU index")
+    if project_at is None:
+        problems.append("the project is never installed with its worker extra")
+    if torch_at is not None and project_at is not None and torch_at > project_at:
+        problems.append("torch is installed after the project: the project would pull torch from PyPI first")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ compose
+
+
+def test_redis_has_a_ping_healthcheck(services):
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:7")
+    test = redis["healthcheck"]["test"]
+    assert "redis-cli" in test and "ping" in test
+
+
+def test_redis_never_evicts_queued_messages(services):
+    command = services["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+
+
+def test_worker_starts_only_after_redis_is_healthy(services):
+    assert services["worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize(("service", "variable"), [("worker", "ALLINONE_REDIS_URL"),
+                                                   ("producer", "ALLINONE_REDIS_URL"),
+                                                   ("flower", "CELERY_BROKER_URL")])
+def test_broker_urls_name_the_redis_service(services, service, variable):
+    url = urlparse(resolve(environment(services[service])[variable]) or "")
+    assert url.scheme == "redis"
+    assert url.hostname == "redis" and url.hostname in services
+    assert (url.port or 6379) == 6379
+
+
+def test_worker_keeps_the_model_cache_on_a_named_volume(compose, services):
+    worker = services["worker"]
+    mounts = dict(v.split(":")[:2] for v in worker["volumes"])
+    named = {source: target for source, target in mounts.items() if source in (compose.get("volumes") or {})}
+    assert named, "the worker has no named volume"
+    env = environment(worker)
+    for variable in ("HF_HOME", "ALLINONE_CACHE_DIR"):
+        path = Path(resolve(env[variable]) or "")
+        on_volume = any(path.is_relative_to(target) for target in named.values())
+        assert on_volume, f"{variable}={path} is not on a volume"
+
+
+def test_worker_healthcheck_runs_worker_health_for_this_host(services):
+    health = services["worker"]["healthcheck"]
+    test = health["test"]
+    assert test[0] in ("CMD", "CMD-SHELL")
+    assert "worker.health" in " ".join(test) and "--this-host" in " ".join(test)
+    # worker.health's own Redis timeout must end before Docker gives up on the check
+    words = " ".join(test[1:]).split()
+    timeout = float(words[words.index("--timeout") + 1]) if "--timeout" in words else 3.0
+    assert timeout < seconds(health["timeout"])
+    # The first start downloads the model: not "unhealthy" meanwhile
+    assert seconds(health["start_period"]) >= 300
+
+
+def test_worker_stop_grace_outlasts_a_reply(services):
+    worker = services["worker"]
+    reply_bound = float(resolve(environment(worker)["ALLINONE_REPLY_TIMEOUT_SECONDS"]) or 0)
+    assert reply_bound >= Settings.model_fields["reply_timeout_seconds"].default
+    assert worker.get("stop_signal", "SIGTERM") == "SIGTERM"
+    assert seconds(worker["stop_grace_period"]) > reply_bound
+
+
+def test_worker_restarts_and_has_resource_hints(services):
+    worker = services["worker"]
+    assert worker["restart"] == "unless-stopped"
+    assert float(worker["cpus"]) >= 1 and worker["mem_limit"]
+    # torch threads follow the CPU quota, not the host's core count
+    assert int(resolve(environment(worker)["ALLINONE_THREADS"]) or 0) <= float(worker["cpus"])
+
+
+def test_flower_and_the_producer_start_only_in_a_profile(services):
+    assert services["flower"]["profiles"] == ["monitoring"]
+    assert "5555" in " ".join(map(str, services["flower"]["ports"]))
+    assert services["producer"]["profiles"] == ["tools"]
+    for name in ("redis", "worker"):
+        assert "profiles" not in services[name], f"{name} must start with a plain `docker compose up`"
+
+
+def test_every_allinone_variable_is_a_setting(compose, dockerfile):
+    names = allinone_variables(
+        (ROOT / "docker-compose.yml").read_text(), compose, (ROOT / "Dockerfile").read_text()
+    )
+    assert "ALLINONE_MODEL" in names and "ALLINONE_REDIS_URL" in names
+    assert unknown_settings(names) == set()
+
+
+def test_a_misspelt_variable_is_caught():
+    assert unknown_settings({"ALLINONE_MODEL", "ALLINONE_MAX_NEW_TOKEN", "ALLINONE_REPLY_TIMEOUT"}) == {
+        "ALLINONE_MAX_NEW_TOKEN",
+        "ALLINONE_REPLY_TIMEOUT",
+    }
+
+
+@pytest.mark.parametrize("service", ["worker", "producer"])
+def test_compose_defaults_are_valid_settings(services, service, monkeypatch):
+    # Given the user's environment sets nothing: the values compose passes must validate
+    for key, value in environment(services[service]).items():
+        if key.startswith("ALLINONE_") and value is not None:
+            monkeypatch.setenv(key, resolve(value) or "")
+    s = Settings(_env_file=None)
+    assert s.redis_url == "redis://redis:6379/0"
+    if service == "worker":
+        assert s.model == "Qwen/Qwen1.5-0.5B-Chat"
+        # A task must finish before Redis hands its message to another worker
+        assert s.visibility_timeout_seconds > s.reply_timeout_seconds
+
+
+# ------------------------------------------------------------------------------------------------ Dockerfile
+
+
+def test_dockerfile_base_user_volume_and_command(dockerfile):
+    first = dict(dockerfile[:1])
+    assert first.get("FROM") == "python:3.11-slim"
+    users = [args for keyword, args in dockerfile if keyword == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert any(keyword == "VOLUME" and "/models" in args for keyword, args in dockerfile)
+    env = " ".join(args for keyword, args in dockerfile if keyword == "ENV")
+    assert "HF_HOME=/models/" in env and "ALLINONE_CACHE_DIR=/models/" in env
+    assert ("STOPSIGNAL", "SIGTERM") in dockerfile
+    assert dockerfile[-1] == ("CMD", '["python", "-m", "worker"]')
+    health = [args for keyword, args in dockerfile if keyword == "HEALTHCHECK"]
+    assert health and "worker.health" in health[0]
+
+
+def test_dockerfile_installs_torch_pinned_from_the_cpu_index_first(dockerfile):
+    assert torch_problems(dockerfile) == []
+
+
+def test_the_worker_extra_pins_the_same_torch():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["worker"]
+    assert [d for d in extra if re.match(r"^torch(?![a-z])", d)] == [f"torch=={TORCH_VERSION}"]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("RUN pip install torch\nRUN pip install '.[worker]'", "unpinned"),
+        (f"RUN pip install torch=={TORCH_VERSION}\nRUN pip install '.[worker]'", "without --index-url"),
+        (f"RUN pip install --index-url {CPU_INDEX} 'torch>=2'\nRUN pip install '.[worker]'", "unpinned"),
+        (f"RUN pip install .[worker]\nRUN pip install --index-url {CPU_INDEX} torch=={TORCH_VERSION}",
+         "after"),
+        ("RUN pip install '.[worker]'", "never installed"),
+        (f"RUN pip install --index-url {CPU_INDEX} torch=={TORCH_VERSION} && pip install torchaudio torch",
+         "unpinned"),
+    ],
+)
+def test_a_dockerfile_with_a_risky_torch_is_caught(text, problem):
+    assert any(problem in p for p in torch_problems(instructions(text))), torch_problems(instructions(text))
+
+
+def test_dockerignore_keeps_local_state_out_of_the_context():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".git", ".env", ".pytest_cache", "*.egg-info"} <= ignored
+    for needed in ("pyproject.toml", "worker", "producer", "celeryconfig.py", "README.md"):
+        assert needed not in ignored
