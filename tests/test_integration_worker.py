@@ -148,7 +148,7 @@ def test_smollm2_labels_and_answers_in_chinese_and_english(redis_url, tmp_path_f
     env = worker_env(
         redis_url, gguf, tmp_path_factory.mktemp("smol-cache"), ALLINONE_MAX_NEW_TOKENS="32", ALLINONE_THREADS="2"
     )
-    worker = WorkerProcess(env=env, log_path=tmp_path_factory.mktemp("smol") / "worker.log").start(wait_ready=300)
+    worker = WorkerProcess(env=env, log_path=tmp_path_factory.mktemp("smol") / "worker.log").start(wait_ready=900)
     try:
         producer = Producer(settings=Settings(redis_url=redis_url))
         en, zh = conv(), conv()
@@ -156,7 +156,7 @@ def test_smollm2_labels_and_answers_in_chinese_and_english(redis_url, tmp_path_f
         m_zh = producer.submit(zh, "这家酒店太差了，房间又脏又吵。")
         m_en2 = producer.submit(en, "What did I just say about the staff?")
         for mid in (m_en, m_zh, m_en2):
-            turn = producer.wait(mid, timeout=300)
+            turn = producer.wait(mid, timeout=600)
             assert turn.status is Status.done, turn
             assert turn.sentiment.label in ("positive", "negative") and turn.sentiment.confidence >= 0.5
             assert turn.reply.strip(), turn

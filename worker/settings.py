@@ -149,3 +149,16 @@ def redact_url(url: str) -> str:
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0] if ":" in creds else ""
     return f"{scheme}://{user}:***@{host}"
+
+
+def markdown_table() -> str:
+    """Every setting as a Markdown table row (the README's settings section is this output)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        default = {"threads": "cores available", "cache_dir": "~/.cache/allinone"}.get(name, f.default)
+        rows.append(f"| `ALLINONE_{name.upper()}` | `{default}` | {f.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
