@@ -122,3 +122,13 @@ def test_gguf_cache_dir_changes_when_the_file_changes(tmp_path: Path):
 def test_classify_before_load_is_refused(tiny_settings):
     with pytest.raises(RuntimeError, match="load"):
         Engine(tiny_settings).classify(["x"])
+
+
+def test_a_reply_cannot_run_past_its_wall_clock_bound(tiny_engine):
+    saved = tiny_engine.settings
+    tiny_engine.settings = saved.model_copy(update={"max_new_tokens": 5000, "reply_timeout_seconds": 0.2})
+    try:
+        r = tiny_engine.reply([], "hello there")
+    finally:
+        tiny_engine.settings = saved
+    assert r.timed_out and 0 < r.new_tokens < 5000
