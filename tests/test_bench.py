@@ -1,0 +1,111 @@
+"""The benchmark end to end on the tiny model, and the equalities its speed-ups rest on.
+
+Timings here are meaningless (a random 2-layer model, a busy machine): we assert that every number is produced and
+positive, never how large it is. What must hold exactly is that the fast sentiment paths compute what the plain
+forward pass computes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker import bench
+from worker.engine import Engine
+from worker.settings import Settings
+
+# Mixed languages and lengths: one token to past the token budget, so sorted batches still pad heavily.
+MIXED = [
+    "ok",
+    "服务很好",
+    "The hotel was great, the staff friendly and the room clean.",
+    "房间太小，隔音很差，不推荐。" * 4,
+    "Terrible service, the room was dirty and noisy. Never again. " * 12,
+    "好",
+    "Hello! How are you today?",
+    "酒店位置很好，服务热情，房间干净，下次还会再来。" * 9,
+    "!",
+    "A warm, funny and beautifully acted film, " * 3,
+]
+
+KEYS = (
+    "speedup_single_vs_naive",
+    "speedup_bulk_vs_naive",
+    "bulk_messages_per_second",
+    "reply_tokens_per_second",
+    "bandwidth_limit_tokens_per_second",
+    "warm_load_seconds",
+    "peak_rss_bytes",
+    "weights_bytes",
+    "threads",
+)
+
+
+@pytest.fixture()
+def messages_file(tmp_path: Path) -> Path:
+    f = tmp_path / "messages.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "label": "positive"}, ensure_ascii=False) + "\n" for t in MIXED))
+    return f
+
+
+def test_bench_runs_end_to_end_and_reports_every_number(tiny_settings, messages_file, capsys):
+    # Given the tiny model and a handful of mixed messages
+    argv = ["--model", tiny_settings.model, "--dtype", "float32", "--threads", "1", "--messages", str(messages_file)]
+    # When the benchmark runs with --json
+    assert bench.main(argv + ["--n", "6", "--reply-tokens", "8", "--batch-size", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # Then every headline number is there and positive, with what it was measured on
+    for key in KEYS:
+        assert result[key] > 0, key
+    assert result["messages"] == 6 and result["dtype"] == "float32" and result["cpu_model"]
+    assert result["cold_load_seconds"] is None  # a model folder: nothing to convert
+    # and the fast path agreed with the plain forward pass on every measured message
+    assert result["agreement"]["labels_fast_vs_plain"] == 1.0
+    assert result["agreement"]["max_abs_logit_diff"] < 1e-3
+
+
+def test_bench_table_names_the_machine(tiny_settings, messages_file, capsys):
+    argv = ["--model", tiny_settings.model, "--dtype", "float32", "--threads", "1", "--messages", str(messages_file)]
+    assert bench.main(argv + ["--n", "2", "--reply-tokens", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "x naive" in table and "bandwidth-limit decode" in table and "peak RSS" in table
+
+
+def test_messages_alternate_between_files(tmp_path):
+    zh, en = tmp_path / "zh.jsonl", tmp_path / "en.jsonl"
+    zh.write_text("".join(json.dumps({"text": f"中{i}"}) + "\n" for i in range(3)))
+    en.write_text("".join(json.dumps({"text": f"en{i}"}) + "\n" for i in range(3)))
+    assert bench.load_messages([zh, en], 5) == ["中0", "en0", "中1", "en1", "中2"]
+    assert bench.load_messages([tmp_path / "missing.jsonl"], 3) == list(bench.FALLBACK_MESSAGES[:3])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 16])
+def test_cached_and_batched_scores_equal_the_plain_forward_pass(tiny_engine, batch_size):
+    # Given mixed-length zh/en texts, so every batch but the last pads some rows by tens of tokens
+    fast = tiny_engine.score(MIXED, batch_size=batch_size)
+    # Then each message's score is the one the uncached, unbatched full forward pass gives
+    for i, text in enumerate(MIXED):
+        plain = tiny_engine.score_plain(text)
+        torch.testing.assert_close(fast.label_logits[i], plain.label_logits[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.hidden[i], plain.hidden[0], atol=1e-4, rtol=1e-4)
+
+
+def test_int8_path_loads_and_classifies(tiny_model_dir, tmp_path):
+    # Given the int8 dynamic quantisation setting
+    engine = Engine(
+        Settings(model=str(tiny_model_dir), quantize="int8", threads=1, do_sample=False, cache_dir=tmp_path)
+    )
+    report = engine.load()
+    # Then Linear layers are quantised, weights run in float32 around them, and sentiment still works
+    assert report.quantize == "int8" and report.dtype == "float32"
+    assert any("quantized" in type(m).__module__ for m in engine.model.modules())
+    out = engine.classify(MIXED)
+    assert len(out) == len(MIXED) and {s.label for s in out} <= {"positive", "negative"}
+    # Dynamic int8 scales activations per forward pass (over prefix and message in the plain pass, the message
+    # alone on the cached prefix), so the fast path is close to the plain one, not equal to it.
+    fast = engine.score(MIXED, batch_size=4).p_positive
+    plain = torch.cat([engine.score_plain(t).p_positive for t in MIXED])
+    torch.testing.assert_close(fast, plain, atol=0.05, rtol=0)
