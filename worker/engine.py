@@ -147,7 +147,8 @@ class Engine:
             torch.set_num_interop_threads(1)
         except RuntimeError:
             pass
-        dtype = s.resolved_dtype()
+        # Dynamic int8 kernels take float32 activations: quantise from float32 weights, whatever dtype says.
+        dtype = "float32" if s.quantize == "int8" else s.resolved_dtype()
         log.info("loading model %s (dtype %s, %d threads, quantize %s)", s.model, dtype, s.threads, s.quantize)
         t0 = time.perf_counter()
         from_cache = False
@@ -257,13 +258,14 @@ class Engine:
         if self._label_ids[0] == self._label_ids[1]:
             raise ModelLoadError(f"the label words {prompts.LABEL_WORDS} start with the same token")
         out_emb = self.model.get_output_embeddings()
-        w = out_emb.weight if hasattr(out_emb, "weight") else out_emb.weight()
+        # A dynamically quantised Linear exposes weight() and bias() as methods returning its (int8) tensors.
+        w = out_emb.weight() if callable(out_emb.weight) else out_emb.weight
+        if w.is_quantized:
+            w = w.dequantize()
+        b = getattr(out_emb, "bias", None)
+        b = b() if callable(b) else b
         self._label_weights = w[list(self._label_ids)].detach().float().clone()  # [2, H]
-        self._label_bias = (
-            out_emb.bias[list(self._label_ids)].detach().float().clone()
-            if getattr(out_emb, "bias", None) is not None
-            else None
-        )
+        self._label_bias = b[list(self._label_ids)].detach().float().clone() if b is not None else None
 
         # Split the rendered sentiment prompt around a marker: what comes before is the same for every message.
         marker = "\x00MESSAGE\x00"
