@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     bulk_queue: str = Field("bulk", description="Queue for back-processing jobs; consumed when live is empty.")
     visibility_timeout_seconds: int = Field(
         600,
-        ge=10,
+        ge=2,
         description="A task taken by a worker that dies unacknowledged is redelivered after this long. "
         "Must exceed the longest task (reply_timeout_seconds plus a batch of sentiment).",
     )

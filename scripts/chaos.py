@@ -1,0 +1,188 @@
+"""Chaos run: many messages over many conversations while the worker is killed (kill -9) at random moments and
+Redis is restarted; at the end every message must have exactly one turn, done, with a label and a reply, in
+submission order, each reply's context exactly the turns before it.
+
+    python scripts/chaos.py --messages 1000 --conversations 50 --kills 10 --redis-restarts 1
+    python scripts/chaos.py --model PATH.gguf ...      # a real model instead of the tiny local one
+
+Redis runs here on its own port with an append-only file synced on every write (as a production broker should),
+so a restart keeps queued and unacknowledged messages. Prints one JSON object with the counts; exit 1 if anything
+was lost, duplicated, out of order or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from helpers import RedisServer, WorkerProcess, free_port, redis_server_binary, worker_env  # noqa: E402
+
+from producer.client import Producer  # noqa: E402
+from worker.errors import StoreUnavailable  # noqa: E402
+from worker.schemas import Status  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+
+
+class DurableRedis(RedisServer):
+    """redis-server with appendfsync always in its own folder: a restart keeps every acknowledged write."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(port=free_port())
+        self.folder = folder
+
+    def start(self) -> DurableRedis:
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=self.port).ping():
+                    return self
+            except redis.exceptions.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: Redis flushes the AOF and exits
+            self.proc.wait(20)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--messages", type=int, default=1000)
+    ap.add_argument("--conversations", type=int, default=50)
+    ap.add_argument("--kills", type=int, default=10, help="how many times the worker is killed with SIGKILL")
+    ap.add_argument("--redis-restarts", type=int, default=1)
+    ap.add_argument("--model", help="model for the worker (default: a tiny local Qwen2 built here)")
+    ap.add_argument("--visibility", type=int, default=10, help="ALLINONE_VISIBILITY_TIMEOUT_SECONDS for the run")
+    ap.add_argument("--rate", type=float, default=100.0, help="messages submitted per second")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="give up waiting after this many seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    rnd = random.Random(a.seed)
+
+    tmp = Path(tempfile.mkdtemp(prefix="allinone-chaos-"))
+    model = a.model
+    if model is None:
+        from tiny_model import build_tiny_model
+
+        model = str(build_tiny_model(tmp / "tiny"))
+    server = DurableRedis(tmp).start()
+    env = worker_env(server.url, model, tmp / "cache", ALLINONE_VISIBILITY_TIMEOUT_SECONDS=str(a.visibility),
+                     ALLINONE_THREADS="2")
+    workers: list[WorkerProcess] = []
+
+    def new_worker() -> WorkerProcess:
+        w = WorkerProcess(env=env, log_path=tmp / f"worker-{len(workers)}.log").start(wait_ready=0)
+        workers.append(w)
+        return w
+
+    current = new_worker()
+    current.wait_ready(600)
+    producer = Producer(settings=Settings(redis_url=server.url, redis_retry_seconds=30))
+    convs = [f"chaos-{i}" for i in range(a.conversations)]
+    sent: dict[str, list[str]] = {c: [] for c in convs}
+    submitted = threading.Event()
+    retries = 0
+    t0 = time.monotonic()
+
+    def produce() -> None:
+        nonlocal retries
+        for i in range(a.messages):
+            conv = convs[i % len(convs)]
+            mid = f"{conv}-m{len(sent[conv])}"
+            while True:  # the producer's contract: an error means "not stored": submit again, same id
+                try:
+                    producer.submit(conv, f"message {i} of the chaos run, turn {len(sent[conv])}", message_id=mid)
+                    break
+                except StoreUnavailable:
+                    retries += 1
+                    time.sleep(0.5)
+            sent[conv].append(mid)
+            time.sleep(1.0 / a.rate)
+        submitted.set()
+
+    producer_thread = threading.Thread(target=produce, daemon=True)
+    producer_thread.start()
+
+    # Faults at random moments while the messages flow: kills spread over the run, Redis restarts in between.
+    expected = a.messages / a.rate + a.messages * 0.05
+    events = ["kill"] * a.kills + ["redis"] * a.redis_restarts
+    rnd.shuffle(events)
+    kills = restarts = 0
+    for event in events:
+        time.sleep(rnd.uniform(0.2, 2.0) * expected / max(1, len(events)))
+        if event == "kill":
+            current.kill()
+            kills += 1
+            current = new_worker()
+            current.wait_ready(600)
+        else:
+            server.stop()
+            time.sleep(rnd.uniform(0.5, 2.0))
+            server.start()
+            restarts += 1
+    producer_thread.join()
+
+    # Wait for every turn to finish (or the timeout).
+    all_ids = [m for c in convs for m in sent[c]]
+    deadline = time.monotonic() + a.timeout
+    while time.monotonic() < deadline:
+        try:
+            turns = producer.store.get_turns(all_ids)
+        except StoreUnavailable:
+            continue
+        if all(t is not None and t.status.terminal for t in turns):
+            break
+        time.sleep(1)
+    elapsed = time.monotonic() - t0
+
+    lost = duplicated = out_of_order = failed = wrong_context = unlabelled = 0
+    for conv in convs:
+        try:
+            got = producer.conversation(conv).turns
+        except Exception:
+            got = []
+        ids = [t.message_id for t in got]
+        lost += len(set(sent[conv]) - set(ids)) + sum(
+            1 for t in got if not t.status.terminal
+        )
+        duplicated += len(ids) - len(set(ids))
+        out_of_order += int(ids != sent[conv] and sorted(set(ids)) == sorted(set(sent[conv])))
+        for i, t in enumerate(got):
+            failed += t.status is Status.failed
+            unlabelled += t.status is Status.done and (t.sentiment is None or t.reply is None)
+            wrong_context += t.status is Status.done and t.context != ids[:i]
+    attempts = sum(t.attempts for t in producer.store.get_turns(all_ids) if t is not None)
+    report = {
+        "messages": a.messages, "conversations": a.conversations, "kills": kills, "redis_restarts": restarts,
+        "lost": lost, "duplicated": duplicated, "out_of_order": out_of_order, "failed": failed,
+        "wrong_context": wrong_context, "unlabelled": unlabelled, "redeliveries": attempts - a.messages,
+        "producer_retries": retries, "seconds": round(elapsed, 1), "logs": str(tmp),
+    }
+    print(json.dumps(report))
+    for w in workers:
+        w.stop(timeout=10)
+    server.stop()
+    bad = lost + duplicated + out_of_order + failed + wrong_context + unlabelled
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
