@@ -371,12 +371,19 @@ class Engine:
         """Positive or negative, with a confidence, for each text (batched on the cached prefix)."""
         if not texts:
             return []
-        scores = self.score(texts, batch_size=batch_size)
+        return self.sentiments(self.score(texts, batch_size=batch_size))
+
+    def prompt_p_positive(self, scores: Scores) -> torch.Tensor:
+        """P(positive) from the two label logits alone (the prompt, without a head)."""
+        return scores.p_positive
+
+    def sentiments(self, scores: Scores) -> list[Sentiment]:
+        """Labels and confidences from scores: the head's probability when one is loaded, else the prompt's."""
         if self.head is not None:
             p_pos = self.head.p_positive(scores)
             method = "prompt+head"
         else:
-            p_pos = scores.p_positive
+            p_pos = self.prompt_p_positive(scores)
             method = "prompt"
         out = []
         for p in p_pos.tolist():

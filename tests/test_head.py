@@ -1,0 +1,96 @@
+"""The sentiment head: trained on the tiny model's own features, saved, loaded, refused when it does not fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.engine import Engine
+from worker.head import HeadError, SentimentHead, feature_matrix
+
+# A synthetic task the tiny (random) model separates in its hidden state: the two "labels" are two disjoint
+# vocabularies, so the last-token states of the two groups differ systematically.
+POS = [f"great lovely clean friendly {i}" for i in range(12)] + ["服务很好，房间干净。", "很满意，下次还来。"] * 3
+NEG = [f"dirty noisy terrible never {i}" for i in range(12)] + ["房间太小，隔音很差。", "不推荐，很失望。"] * 3
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_engine):
+    scores = tiny_engine.score(POS + NEG)
+    y = torch.tensor([1] * len(POS) + [0] * len(NEG))
+    x = feature_matrix(scores, ("hidden", "logits"))
+    head = SentimentHead.fit(x, y, tiny_engine.hidden_size, ("hidden", "logits"), meta={"model": "tiny"})
+    return head, scores, y
+
+
+def test_head_separates_a_separable_set(trained, tiny_engine):
+    head, scores, y = trained
+    p = head.p_positive(scores)
+    assert p.shape == (len(POS) + len(NEG),)
+    assert ((p >= 0.5).long() == y).float().mean().item() == 1.0
+    assert head.dim == tiny_engine.hidden_size + 2 and head.meta["train_n"] == len(y)
+
+
+def test_save_load_round_trip_gives_identical_probabilities(trained, tmp_path):
+    head, scores, _ = trained
+    path = head.save(tmp_path / "head.safetensors")
+    assert path.stat().st_size < 16_000  # a few KB
+    again = SentimentHead.load(path)
+    assert again.features == ("hidden", "logits") and again.hidden_size == head.hidden_size
+    assert again.meta["model"] == "tiny"
+    assert torch.equal(again.p_positive(scores), head.p_positive(scores))
+
+
+def test_a_head_for_another_hidden_size_is_refused_with_a_clear_error(trained, tiny_settings, tmp_path):
+    head, _, _ = trained
+    wide = SentimentHead(
+        weight=torch.zeros(head.hidden_size * 2), bias=0.0, mean=torch.zeros(head.hidden_size * 2),
+        std=torch.ones(head.hidden_size * 2), hidden_size=head.hidden_size * 2, meta={"model": "a wider model"},
+    )
+    with pytest.raises(HeadError, match=r"hidden size 128 \(a wider model\) but the loaded model has 64"):
+        wide.check_dim(head.hidden_size)
+    path = wide.save(tmp_path / "wide.safetensors")
+    with pytest.raises(HeadError, match="python -m worker.calibrate"):
+        Engine(tiny_settings.model_copy(update={"sentiment_head": path})).load()
+
+
+def test_missing_or_foreign_head_files_are_refused(tmp_path):
+    with pytest.raises(HeadError, match="names no file"):
+        SentimentHead.load(tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a head")
+    with pytest.raises(HeadError, match="not a sentiment head file"):
+        SentimentHead.load(tmp_path / "junk.safetensors")
+
+
+def test_engine_with_a_head_classifies_with_it(trained, tiny_settings, tmp_path):
+    head, scores, y = trained
+    path = head.save(tmp_path / "head.safetensors")
+    # Given an engine whose settings name the head
+    engine = Engine(tiny_settings.model_copy(update={"sentiment_head": path}))
+    engine.load()
+    # When it classifies
+    out = engine.classify(POS + NEG)
+    # Then the labels and confidences are the head's, and the method says so
+    assert {s.method for s in out} == {"prompt+head"}
+    p = head.p_positive(scores).tolist()
+    assert [s.label for s in out] == ["positive" if q >= 0.5 else "negative" for q in p]
+    assert [s.confidence for s in out] == pytest.approx([max(q, 1 - q) for q in p], abs=1e-5)
+    assert [s.label for s in out] == ["positive"] * len(POS) + ["negative"] * len(NEG)
+
+
+def test_calibrate_cli_trains_a_head_the_engine_loads(tiny_settings, tmp_path, monkeypatch, capsys):
+    import json
+
+    from worker import calibrate
+
+    rows = [{"text": t, "label": "positive"} for t in POS] + [{"text": t, "label": "negative"} for t in NEG]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    monkeypatch.setenv("ALLINONE_MODEL", tiny_settings.model)
+    monkeypatch.setenv("ALLINONE_DTYPE", "float32")
+    monkeypatch.setenv("ALLINONE_THREADS", "1")
+    out = tmp_path / "h.safetensors"
+    assert calibrate.main(["--train", str(data), "--out", str(out), "--limit", "30"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["train_n"] == 30 and info["train_positive"] == 15 and info["bytes"] == out.stat().st_size
+    assert SentimentHead.load(out).meta["prompt"] == calibrate.prompt_fingerprint()

@@ -1,0 +1,75 @@
+"""Train a sentiment head on labelled messages, from the engine's own forward pass (one model in memory).
+
+    python -m worker.calibrate --train sentiment-zh.train.jsonl --train sentiment-en.train.jsonl \
+        --limit 2000 --out heads/qwen.safetensors
+
+Then ``ALLINONE_SENTIMENT_HEAD=heads/qwen.safetensors`` makes the worker classify with it ("prompt+head"). A head
+belongs to one model and one sentiment prompt: retrain it after changing either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker import prompts
+from worker.evaluate import POS, Example, balanced_subset, read_examples
+from worker.head import FEATURES, SentimentHead, feature_matrix
+
+
+def prompt_fingerprint(few_shot: Any = None) -> str:
+    """A short hash of the sentiment prompt a head's features come from."""
+    blob = json.dumps([prompts.SENTIMENT_SYSTEM, prompts.SENTIMENT_USER_HEAD, prompts.LABEL_WORDS,
+                       list(few_shot if few_shot is not None else prompts.FEW_SHOT)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def train_head(
+    engine: Any, examples: list[Example], features: tuple[str, ...] = ("hidden", "logits"), c: float | None = None
+) -> SentimentHead:
+    """Score ``examples`` on the loaded engine and fit a head on the features."""
+    scores = engine.score([e.text for e in examples])
+    y = torch.tensor([1 if e.label == POS else 0 for e in examples])
+    meta = {"model": engine.settings.model, "prompt": prompt_fingerprint(engine.few_shot)}
+    return SentimentHead.fit(feature_matrix(scores, features), y, engine.hidden_size, features, c=c, meta=meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m worker.calibrate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train", action="append", required=True, help="labelled JSON Lines or CSV; repeatable")
+    ap.add_argument("--out", required=True, help="the head file to write (.safetensors)")
+    ap.add_argument("--model", help="overrides ALLINONE_MODEL")
+    ap.add_argument("--limit", type=int, help="a balanced, deterministic subset of this many messages per file")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--features", default="hidden,logits", help=f"comma-separated, of: {', '.join(FEATURES)}")
+    ap.add_argument("--c", type=float, help="inverse regularisation strength (default: cross-validated)")
+    a = ap.parse_args(argv)
+
+    from worker.engine import Engine
+    from worker.settings import Settings
+
+    examples: list[Example] = []
+    for path in a.train:
+        ex = read_examples(path)
+        examples += balanced_subset(ex, a.limit, seed=a.seed) if a.limit else ex
+    features = tuple(f.strip() for f in a.features.split(",") if f.strip())
+    settings = Settings(**({"model": a.model} if a.model else {}), sentiment_head=None)
+    engine = Engine(settings)
+    engine.load()
+    t0 = time.perf_counter()
+    head = train_head(engine, examples, features, c=a.c)
+    head.meta["seconds"] = round(time.perf_counter() - t0, 1)
+    out = head.save(a.out)
+    print(json.dumps({"out": str(out), "bytes": out.stat().st_size, "features": list(features), **head.meta}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""A sentiment head: logistic regression on the features the engine already computes for the prompt.
+
+The sentiment prompt's forward pass ends in a final hidden state at the message's last token; the prompt reads
+just two rows of the LM head from it. A head reads the whole state (and, optionally, the two label logits),
+standardised with the train statistics, through one trained linear layer: a classifier-grade probe at the cost of
+one dot product, on the same forward pass, with the one model in memory. ``python -m worker.calibrate`` trains it.
+
+On disk: one safetensors file (weight, bias, mean, std; float32; a few KB) whose metadata names the features, the
+hidden size and the model it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.errors import PermanentError
+
+FEATURES = ("hidden", "logits")
+
+
+class HeadError(PermanentError):
+    """A sentiment head file is missing, malformed, or does not fit the loaded model."""
+
+
+def feature_matrix(scores: Any, features: tuple[str, ...]) -> torch.Tensor:
+    """The head's input from engine scores: the chosen features side by side, float32, [B, D]."""
+    parts = []
+    for name in features:
+        if name == "hidden":
+            parts.append(scores.hidden.float())
+        elif name == "logits":
+            parts.append(scores.label_logits.float())
+        else:
+            raise HeadError(f"unknown head feature {name!r}; known: {', '.join(FEATURES)}")
+    return torch.cat(parts, dim=1)
+
+
+@dataclass
+class SentimentHead:
+    """P(positive) = sigmoid(((x - mean) / std) . weight + bias), x the engine's features of a message."""
+
+    weight: torch.Tensor  # [D]
+    bias: float
+    mean: torch.Tensor  # [D]
+    std: torch.Tensor  # [D]
+    hidden_size: int
+    features: tuple[str, ...] = ("hidden",)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[0])
+
+    # ---------------------------------------------------------------------------------------- inference
+    def check_dim(self, hidden_size: int) -> None:
+        """Refuse a head trained on a model of another width, saying what to do."""
+        if hidden_size != self.hidden_size:
+            trained_on = self.meta.get("model", "another model")
+            raise HeadError(
+                f"the sentiment head expects hidden size {self.hidden_size} ({trained_on}) but the loaded model has "
+                f"{hidden_size}: train a head for this model with python -m worker.calibrate, or unset "
+                "ALLINONE_SENTIMENT_HEAD"
+            )
+
+    def logit(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise HeadError(f"the sentiment head takes {self.dim} features, got {x.shape[-1]}")
+        return ((x.float() - self.mean) / self.std) @ self.weight + self.bias
+
+    def p_positive(self, scores: Any) -> torch.Tensor:
+        """P(positive) of each message of a batch of engine scores, [B]."""
+        return torch.sigmoid(self.logit(feature_matrix(scores, self.features)))
+
+    # ---------------------------------------------------------------------------------------- training
+    @classmethod
+    def fit(
+        cls,
+        x: torch.Tensor,
+        positive: torch.Tensor,
+        hidden_size: int,
+        features: tuple[str, ...] = ("hidden",),
+        c: float | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> SentimentHead:
+        """Logistic regression on standardised features. ``positive``: 1 for positive, 0 for negative.
+
+        Without ``c`` the inverse regularisation strength is chosen by 5-fold cross-validated log-loss, which
+        also keeps the probabilities calibrated."""
+        import numpy as np
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import StratifiedKFold
+
+        xs = x.double().numpy()
+        y = positive.long().numpy()
+        if len(set(y.tolist())) < 2:
+            raise HeadError("a sentiment head needs examples of both labels")
+        mean = xs.mean(0)
+        std = xs.std(0) + 1e-6
+        z = (xs - mean) / std
+        if c is None:
+            c, folds = 1.0, int(min(5, np.bincount(y).min()))
+            if folds >= 2:
+                best = np.inf
+                for cand in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0):
+                    loss = 0.0
+                    for tr, va in StratifiedKFold(folds, shuffle=True, random_state=0).split(z, y):
+                        p = LogisticRegression(C=cand, max_iter=3000).fit(z[tr], y[tr]).predict_proba(z[va])[:, 1]
+                        p = np.clip(p, 1e-7, 1 - 1e-7)
+                        loss -= float(np.sum(y[va] * np.log(p) + (1 - y[va]) * np.log(1 - p)))
+                    if loss < best:
+                        best, c = loss, cand
+        lr = LogisticRegression(C=c, max_iter=3000).fit(z, y)
+        info = dict(meta or {})
+        info.update(c=c, train_n=int(len(y)), train_positive=int(y.sum()))
+        return cls(
+            weight=torch.tensor(lr.coef_[0], dtype=torch.float32),
+            bias=float(lr.intercept_[0]),
+            mean=torch.tensor(mean, dtype=torch.float32),
+            std=torch.tensor(std, dtype=torch.float32),
+            hidden_size=hidden_size,
+            features=tuple(features),
+            meta=info,
+        )
+
+    # ---------------------------------------------------------------------------------------- files
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "weight": self.weight.float().contiguous(),
+            "bias": torch.tensor([self.bias], dtype=torch.float32),
+            "mean": self.mean.float().contiguous(),
+            "std": self.std.float().contiguous(),
+        }
+        metadata = {
+            "format": "allinone-sentiment-head/1",
+            "hidden_size": str(self.hidden_size),
+            "features": ",".join(self.features),
+            "meta": json.dumps(self.meta),
+        }
+        save_file(tensors, str(path), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SentimentHead:
+        from safetensors import safe_open
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise HeadError(f"ALLINONE_SENTIMENT_HEAD names no file: {path} (train one: python -m worker.calibrate)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in ("weight", "bias", "mean", "std")}
+        except Exception as e:
+            raise HeadError(f"{path} is not a sentiment head file: {type(e).__name__}: {e}") from e
+        if md.get("format") != "allinone-sentiment-head/1":
+            raise HeadError(f"{path} is not a sentiment head file (format {md.get('format')!r})")
+        head = cls(
+            weight=t["weight"].float(),
+            bias=float(t["bias"][0]),
+            mean=t["mean"].float(),
+            std=t["std"].float(),
+            hidden_size=int(md["hidden_size"]),
+            features=tuple(md["features"].split(",")),
+            meta=json.loads(md.get("meta", "{}")),
+        )
+        for name in head.features:
+            if name not in FEATURES:
+                raise HeadError(f"{path}: unknown head feature {name!r}")
+        expected = sum(head.hidden_size if n == "hidden" else 2 for n in head.features)
+        if not (head.dim == expected == head.mean.shape[0] == head.std.shape[0]):
+            raise HeadError(f"{path}: weight of {head.dim} features does not match {head.features}")
+        return head
