@@ -295,6 +295,84 @@ class RedisStore:
         with self._guard():
             return bool(self.r.ping())
 
+    # bulk: many turns per round trip ------------------------------------------------------------------------
+    # One script call per turn, atomic like create_turn's WATCH transaction: an existing turn is returned as it
+    # is (idempotency by message id); otherwise the id is appended to its conversation, whose new length gives
+    # the turn's seq, and the turn is written with that seq. Many calls go in one pipeline (one round trip).
+    _CREATE_LUA = """
+local unpack = unpack or table.unpack
+local existing = redis.call('HGETALL', KEYS[1])
+if #existing > 0 then return {0, existing} end
+local seq = redis.call('RPUSH', KEYS[2], ARGV[2]) - 1
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return {1, seq}
+"""
+    _ENQUEUED_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'enqueued_at', ARGV[1])
+return 1
+"""
+
+    def create_turns(
+        self, items: list[tuple[str, str, str]], queue: str | None = None
+    ) -> list[tuple[Turn, bool] | MessageIdConflict]:
+        """``create_turn`` for many ``(conversation_id, message_id, text)`` in one pipeline, in list order.
+
+        A message id already stored with another conversation or text yields its :class:`MessageIdConflict` in
+        its place (returned, not raised: one bad row does not sink the others).
+        """
+        if not hasattr(self, "_create_script"):
+            self._create_script = self.r.register_script(self._CREATE_LUA)
+        fresh: list[Turn] = []
+        with self._guard():
+            pipe = self.r.pipeline(transaction=False)
+            for conversation_id, message_id, text in items:
+                turn = Turn(message_id=message_id, conversation_id=conversation_id, seq=0, text=text, queue=queue)
+                fields = _turn_to_fields(turn)
+                del fields["seq"]
+                fresh.append(turn)
+                args: list[Any] = [self.ttl, message_id]
+                for k, v in fields.items():
+                    args += [k, v]
+                self._create_script(
+                    keys=[self.turn_key(message_id), self.conv_key(conversation_id)], args=args, client=pipe
+                )
+            replies = pipe.execute()
+        out: list[tuple[Turn, bool] | MessageIdConflict] = []
+        for turn, (created, value) in zip(fresh, replies):
+            if created:
+                out.append((turn.model_copy(update={"seq": int(value)}), True))
+                continue
+            old = _turn_from_fields(dict(zip(value[::2], value[1::2])))
+            try:
+                _check_same(old, turn.conversation_id, turn.text)
+                out.append((old, False))
+            except MessageIdConflict as e:
+                out.append(e)
+        return out
+
+    def mark_enqueued_many(self, message_ids: list[str]) -> None:
+        """``mark_enqueued`` for many turns in one pipeline; ids no longer stored are left alone."""
+        if not hasattr(self, "_enqueued_script"):
+            self._enqueued_script = self.r.register_script(self._ENQUEUED_LUA)
+        now = str(time.time())
+        with self._guard():
+            pipe = self.r.pipeline(transaction=False)
+            for mid in message_ids:
+                self._enqueued_script(keys=[self.turn_key(mid)], args=[now], client=pipe)
+            pipe.execute()
+
+    def get_statuses(self, message_ids: list[str]) -> list[Status | None]:
+        """The status of many turns in one round trip (``None``: not stored); cheaper than ``get_turns``."""
+        with self._guard():
+            pipe = self.r.pipeline(transaction=False)
+            for mid in message_ids:
+                pipe.hget(self.turn_key(mid), "status")
+            rows = pipe.execute()
+        return [Status(s) if s else None for s in rows]
+
 
 # --------------------------------------------------------------------------------------------------------------
 
@@ -420,6 +498,28 @@ class MemoryStore:
 
     def ping(self) -> bool:
         return True
+
+    # bulk: the same calls as RedisStore's, one turn at a time under the hood ----------------------------------
+    def create_turns(
+        self, items: list[tuple[str, str, str]], queue: str | None = None
+    ) -> list[tuple[Turn, bool] | MessageIdConflict]:
+        out: list[tuple[Turn, bool] | MessageIdConflict] = []
+        for conversation_id, message_id, text in items:
+            try:
+                out.append(self.create_turn(conversation_id, message_id, text, queue=queue))
+            except MessageIdConflict as e:
+                out.append(e)
+        return out
+
+    def mark_enqueued_many(self, message_ids: list[str]) -> None:
+        for mid in message_ids:
+            try:
+                self.mark_enqueued(mid)
+            except UnknownMessage:
+                pass
+
+    def get_statuses(self, message_ids: list[str]) -> list[Status | None]:
+        return [t.status if t is not None else None for t in self.get_turns(message_ids)]
 
 
 def store_from_settings(settings: Any = None) -> RedisStore:
