@@ -386,8 +386,8 @@ RESULT_FIELDS = ["line", "id", "text", "label", "confidence", "reply", "status",
 class ResultsWriter:
     """Results in input order, as JSON Lines or CSV (by the file's extension)."""
 
-    def __init__(self, path: Path) -> None:
-        self.csv = path.suffix.lower() == ".csv"
+    def __init__(self, path: Path, as_csv: bool) -> None:
+        self.csv = as_csv
         self.f = path.open("w", encoding="utf-8", newline="")
         self.w = csv.DictWriter(self.f, RESULT_FIELDS, extrasaction="ignore") if self.csv else None
         if self.w:
@@ -847,7 +847,7 @@ def cmd_bulk(a: argparse.Namespace, store: BulkStore | None = None, sender: Send
             t = threading.Thread(target=_quiet(bulk.enqueue), args=(rows,), name="bulk-enqueue", daemon=True)
             t.start()
             tmp = out.with_name(out.name + ".partial")
-            writer = ResultsWriter(tmp)
+            writer = ResultsWriter(tmp, as_csv=out.suffix.lower() == ".csv")
             finished_in_time = False
             try:
                 finished_in_time = bulk.collect(writer, a.timeout or None)
