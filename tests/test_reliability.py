@@ -56,13 +56,21 @@ def wait_status(producer: Producer, mid: str, status: Status, timeout: float = 6
         time.sleep(0.01)
 
 
+def wait_log(worker: WorkerProcess, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in worker.log():
+        assert time.monotonic() < deadline, f"worker never logged {text!r}"
+        time.sleep(0.01)
+
+
 def test_worker_killed_mid_reply_is_redelivered_and_the_turn_appears_once(server, make_worker):
     worker = make_worker(ALLINONE_VISIBILITY_TIMEOUT_SECONDS="10", **SLOW_REPLY).start()
     producer = producer_for(server)
     c = f"c-{uuid.uuid4().hex[:6]}"
     mid = producer.submit(c, "a message whose reply is interrupted")
     wait_status(producer, mid, Status.classified)
-    time.sleep(0.3)  # inside generate()
+    wait_log(worker, "allinone.reply[")  # the worker has taken the reply task...
+    time.sleep(0.3)  # ...and is inside generate()
     worker.kill()  # kill -9: no ack, no cleanup
     assert producer.turn(mid).status is Status.classified
     restarted = make_worker(ALLINONE_VISIBILITY_TIMEOUT_SECONDS="10", **SLOW_REPLY).start()
@@ -77,6 +85,7 @@ def test_sigterm_finishes_the_current_message_and_leaves_the_rest_queued(server,
     producer = producer_for(server)
     ids = [producer.submit(f"c-{i}", f"message {i}") for i in range(4)]
     wait_status(producer, ids[0], Status.classified)
+    wait_log(worker, "allinone.reply[")
     time.sleep(0.3)  # its reply is being generated
     worker.signal(signal.SIGTERM)
     assert worker.proc.wait(60) == 0
