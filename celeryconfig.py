@@ -23,6 +23,12 @@ broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # reconnect for ever when Redis goes away
 broker_transport_options = {
     "visibility_timeout": _s.visibility_timeout_seconds,
+    # Sweep for abandoned (unacknowledged past the visibility timeout) messages every few seconds; kombu's default
+    # sweeps about every 100 s, which would add that much to the redelivery after a crash.
+    "unacked_restore_interval": max(1, min(10, _s.visibility_timeout_seconds // 2)),
+    "unacked_restore_throttle": 1,
+    # A broker that vanishes without closing the socket (failover, NAT timeout) must not hang a publish for ever.
+    "socket_timeout": 30,
     "queue_order_strategy": "priority",
     "socket_keepalive": True,
     "socket_connect_timeout": 5,
