@@ -101,7 +101,11 @@ class WorkerProcess:
             start_new_session=True,
         )
         if wait_ready:
-            self.wait_ready(wait_ready)
+            try:
+                self.wait_ready(wait_ready)
+            except BaseException:
+                self.kill()  # never leave a stray worker consuming someone else's queue
+                raise
         return self
 
     def wait_ready(self, timeout: float) -> None:
