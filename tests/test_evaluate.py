@@ -176,3 +176,30 @@ def test_harness_matches_engine_classify(tiny_engine):
     r = ev.run(tiny_engine, ex)
     preds = [s.label for s in tiny_engine.classify([e.text for e in ex])]
     assert r["confusion_matrix"] == ev.confusion_matrix([e.label for e in ex], preds)
+
+
+# ---------------------------------------------------------------------------------------------- a real model
+SMOLLM2_FLOOR = 0.5
+
+
+@pytest.mark.slow
+def test_smollm2_on_100_balanced_english_dev_messages_stays_above_its_floor(capsys):
+    """The harness on a real instruction-tuned model (SmolLM2-135M) and the shared English dev split.
+
+    Measured: (measuring) on these 100 messages (float32); the floor leaves room for another CPU's
+    arithmetic, and still fails a broken prompt, label reading or harness (coin-flip is 50 %).
+    """
+    from pathlib import Path
+
+    from helpers import ROOT, smollm2_path
+
+    gguf = smollm2_path()
+    data = ROOT.parent / "shared" / "data" / "sentiment-en.dev.jsonl"
+    if gguf is None or not data.is_file():
+        pytest.skip("SmolLM2 GGUF or the shared sentiment data not available")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ALLINONE_DTYPE", "float32")
+        assert ev.main(["--data", str(data), "--limit", "100", "--model", gguf, "--json", "--no-baseline"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["n"] == 100 and Path(r["model"]).name == Path(gguf).name
+    assert r["accuracy"] >= SMOLLM2_FLOOR, r
