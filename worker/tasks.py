@@ -37,12 +37,19 @@ class AllInOneTask(Task):
     """Base of our tasks: whatever escapes the guard below still leaves a trace in the dead-letter list."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        # Reached when retries ran out (a transient error that never cleared) or the message did not fit the task
+        # (wrong arity): the turn, if there is one, must not stay "queued" for ever.
+        reason = f"{type(exc).__name__}: {exc}"
         try:
-            runtime.store().dead_letter(
-                {"task": self.name, "id": task_id, "args": args, "kwargs": kwargs}, f"{type(exc).__name__}: {exc}"
-            )
-        except Exception:  # pragma: no cover - Redis away: the log line below is all we can leave
-            log.exception("could not dead-letter failed task %s", task_id)
+            store = runtime.store()
+            try:
+                payload = parse_payload(args[0] if args else None)
+            except PermanentError:
+                store.dead_letter({"task": self.name, "id": task_id, "args": args, "kwargs": kwargs}, reason)
+            else:
+                _record_failure(store, payload, args[0], self.name, f"gave up: {reason}")
+        except Exception:  # pragma: no cover - Redis away: the log line is all we can leave
+            log.exception("could not record failed task %s", task_id)
 
 
 def _backoff(retries: int) -> float:

@@ -1,0 +1,66 @@
+"""The task glue on the in-memory store and the tiny engine: poison, permanent errors, retries that run out.
+
+(The same tasks run in a real worker process in tests/test_integration_worker.py and tests/test_reliability.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from worker import runtime, tasks
+from worker.schemas import Status
+from worker.store import MemoryStore
+
+
+@pytest.fixture()
+def store(tiny_engine, monkeypatch):
+    s = MemoryStore()
+    monkeypatch.setattr(runtime, "_store", s)
+    monkeypatch.setattr(runtime, "_engine", tiny_engine)
+    return s
+
+
+def test_poison_payload_is_dead_lettered_and_the_chain_stops(store):
+    result = tasks.classify.apply(args=["garbage"])
+    assert result.state == "IGNORED"
+    (dead,) = store.dead_letters()
+    assert dead["payload"] == {"task": "allinone.classify", "payload": "garbage"}
+    assert "malformed task payload" in dead["reason"]
+
+
+def test_a_payload_for_no_turn_is_dead_lettered(store):
+    tasks.reply.apply(args=[{"message_id": "gone", "conversation_id": "c"}])
+    (dead,) = store.dead_letters()
+    assert "gone" in dead["reason"]
+
+
+def test_classify_returns_the_payload_for_the_chain(store):
+    store.create_turn("c", "m1", "hello")
+    payload = {"message_id": "m1", "conversation_id": "c"}
+    assert tasks.classify.apply(args=[payload]).get() == payload
+    assert store.get_turn("m1").status is Status.classified and store.get_turn("m1").attempts == 1
+
+
+def test_retries_that_run_out_fail_the_turn_instead_of_leaving_it_queued(store):
+    store.create_turn("c", "m1", "hello")
+    payload = {"message_id": "m1", "conversation_id": "c"}
+    tasks.classify.on_failure(ConnectionError("Redis gone"), "task-id", (payload,), {}, None)
+    t = store.get_turn("m1")
+    assert t.status is Status.failed and "gave up: ConnectionError: Redis gone" == t.error
+    assert store.dead_letters() == []
+
+
+def test_failure_of_an_unreadable_message_is_dead_lettered(store):
+    tasks.reply.on_failure(TypeError("reply() missing 1 required positional argument"), "tid", (), {}, None)
+    (dead,) = store.dead_letters()
+    assert dead["payload"]["task"] == "allinone.reply" and "TypeError" in dead["reason"]
+
+
+def test_batch_task_skips_bad_payloads_and_labels_the_rest(store):
+    for i in range(3):
+        store.create_turn(f"c{i}", f"m{i}", f"message {i}")
+    good = [{"message_id": f"m{i}", "conversation_id": f"c{i}"} for i in range(3)]
+    out = tasks.classify_batch.apply(args=[good + ["junk"]]).get()
+    assert out == {"m0": "classified", "m1": "classified", "m2": "classified"}
+    assert all(store.get_turn(f"m{i}").status is Status.done for i in range(3))
+    assert len(store.dead_letters()) == 1
