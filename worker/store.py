@@ -114,7 +114,36 @@ def _check_same(turn: Turn, conversation_id: str, text: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class RedisStore:
+class _TurnWrites:
+    """The status transitions of a turn, written the same way by both stores (each supplies ``_update``)."""
+
+    def _update(self, message_id: str, fields: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def mark_enqueued(self, message_id: str) -> None:
+        self._update(message_id, {"enqueued_at": str(time.time())})
+
+    def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> None:
+        self._update(
+            message_id,
+            {
+                "status": Status.classified.value,
+                "sentiment": sentiment.model_dump_json(),
+                "model": model,
+                "classified_at": str(time.time()),
+            },
+        )
+
+    def mark_done(
+        self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
+    ) -> None:
+        self._update(message_id, _done_fields(reply, model, error, context))
+
+    def mark_failed(self, message_id: str, reason: str) -> None:
+        self._update(message_id, {"status": Status.failed.value, "error": reason, "done_at": str(time.time())})
+
+
+class RedisStore(_TurnWrites):
     """The results store in Redis (layout in the module docstring)."""
 
     def __init__(
@@ -208,28 +237,6 @@ class RedisStore:
             pipe.expire(tkey, self.ttl)
             pipe.expire(self.conv_key(conv), self.ttl)
             pipe.execute()
-
-    def mark_enqueued(self, message_id: str) -> None:
-        self._update(message_id, {"enqueued_at": str(time.time())})
-
-    def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> None:
-        self._update(
-            message_id,
-            {
-                "status": Status.classified.value,
-                "sentiment": sentiment.model_dump_json(),
-                "model": model,
-                "classified_at": str(time.time()),
-            },
-        )
-
-    def mark_done(
-        self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
-    ) -> None:
-        self._update(message_id, _done_fields(reply, model, error, context))
-
-    def mark_failed(self, message_id: str, reason: str) -> None:
-        self._update(message_id, {"status": Status.failed.value, "error": reason, "done_at": str(time.time())})
 
     def bump_attempts(self, message_id: str) -> int:
         tkey = self.turn_key(message_id)
@@ -377,7 +384,7 @@ return 1
 # --------------------------------------------------------------------------------------------------------------
 
 
-class MemoryStore:
+class MemoryStore(_TurnWrites):
     """The same store in one process's memory, for unit tests and for trying the engine without Redis.
 
     Turns are kept in their hash encoding so that the round trip the Redis store does is exercised here too.
@@ -427,28 +434,6 @@ class MemoryStore:
                 raise UnknownMessage(f"no turn with message id {message_id!r} (never submitted, or expired)")
             self._turns[message_id].update(fields)
             self._touch(self._turns[message_id]["conversation_id"], message_id)
-
-    def mark_enqueued(self, message_id: str) -> None:
-        self._update(message_id, {"enqueued_at": str(time.time())})
-
-    def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> None:
-        self._update(
-            message_id,
-            {
-                "status": Status.classified.value,
-                "sentiment": sentiment.model_dump_json(),
-                "model": model,
-                "classified_at": str(time.time()),
-            },
-        )
-
-    def mark_done(
-        self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
-    ) -> None:
-        self._update(message_id, _done_fields(reply, model, error, context))
-
-    def mark_failed(self, message_id: str, reason: str) -> None:
-        self._update(message_id, {"status": Status.failed.value, "error": reason, "done_at": str(time.time())})
 
     def bump_attempts(self, message_id: str) -> int:
         with self._lock:
