@@ -497,6 +497,7 @@ class BulkJob:
     max_chars: int
     errors_file: Path
     spool_path: Path
+    chunk_rows: int = CHUNK_ROWS
     tally: Tally = field(default_factory=Tally)
     enqueue_done: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -515,7 +516,7 @@ class BulkJob:
                 chunk: list[Row | BadRow] = []
                 for row in rows:
                     chunk.append(row)
-                    if len(chunk) >= CHUNK_ROWS:
+                    if len(chunk) >= self.chunk_rows:
                         self._enqueue_chunk(chunk, errors, spool)
                         chunk = []
                     if self.stop.is_set():
@@ -787,6 +788,8 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--timeout", type=float, default=600.0,
                    help="give up collecting when no row finished for this many seconds (default 600; 0: never)")
     b.add_argument("--no-wait", action="store_true", help="enqueue and exit; run again without it to collect")
+    # Rows per store pipeline and publish batch; smaller only to see a slow stdin trickle enqueued sooner.
+    b.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_bulk)
 
 
@@ -815,13 +818,16 @@ def cmd_bulk(a: argparse.Namespace, store: BulkStore | None = None, sender: Send
               "ids", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = errors_path(out)
-    spool = out.with_name(f".{out.name}.{os.getpid()}.spool")
+    # Beside RESULTS (not in a tmpfs /tmp: it grows with the input), one per results file, so a crashed run's
+    # spool is reused, not left behind.
+    spool = out.with_name(f".{out.name}.spool")
     spool.write_bytes(b"")
     bulk = BulkJob(
         store=store if store is not None else _store(s),
         sender=sender if sender is not None else CelerySender(s),
         job=job, fields=fields, sentiment_only=a.sentiment_only, batch_size=a.batch_size,
         bulk_queue=s.bulk_queue, max_chars=s.max_message_chars, errors_file=errors, spool_path=spool,
+        chunk_rows=max(1, a.chunk_rows),
     )
     reader = read_jsonl if fmt == "jsonl" else read_csv
     rows = reader(stream, fields, s.max_message_chars)
