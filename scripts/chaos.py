@@ -85,7 +85,9 @@ def main() -> int:
         model = str(build_tiny_model(tmp / "tiny"))
     server = DurableRedis(tmp).start()
     env = worker_env(server.url, model, tmp / "cache", ALLINONE_VISIBILITY_TIMEOUT_SECONDS=str(a.visibility),
-                     ALLINONE_THREADS="2")
+                     ALLINONE_THREADS="2",
+                     # room for a whole conversation, so every reply's context must be exactly the turns before it
+                     ALLINONE_HISTORY_TOKENS="8192")
     workers: list[WorkerProcess] = []
 
     def new_worker() -> WorkerProcess:
