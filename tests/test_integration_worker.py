@@ -165,3 +165,11 @@ def test_smollm2_labels_and_answers_in_chinese_and_english(redis_url, tmp_path_f
         assert worker.log().count("model loaded:") == 1
     finally:
         worker.stop()
+
+
+def test_a_worker_whose_model_cannot_load_stops_with_the_reason(redis_url, tmp_path):
+    env = worker_env(redis_url, str(tmp_path / "missing.gguf"), tmp_path / "cache")
+    out = subprocess.run([sys.executable, "-m", "worker"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 3
+    assert "worker cannot start: ALLINONE_MODEL names a GGUF file that does not exist" in out.stdout + out.stderr

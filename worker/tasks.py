@@ -150,17 +150,14 @@ def classify_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, str]
 # ----------------------------------------------------------------------------------------------- lifecycle
 
 
-@signals.celeryd_after_setup.connect
-def _load_in_solo_worker(sender: Any = None, instance: Any = None, **_: Any) -> None:
-    # Under the solo pool tasks run in this very process: load here, once, after logging is set up and before
-    # the first message is taken (a failed load stops the worker with the reason, instead of failing tasks).
-    cls = getattr(instance, "pool_cls", None)
-    pool = f"{getattr(cls, '__module__', '')}.{getattr(cls, '__name__', '')}" if cls else str(app.conf.worker_pool)
-    if "solo" in pool.lower() or "thread" in pool.lower():
-        runtime.start(name=str(sender) if sender else None)
-
-
 @signals.worker_process_init.connect
-def _load_in_pool_process(**_: Any) -> None:
-    # Under prefork each child owns its model, loaded once when the child starts.
-    runtime.start()
+def _load_model(**_: Any) -> None:
+    # Sent in the process that runs tasks: by the solo pool in the worker itself (after logging is set up, before
+    # the first message is taken), by prefork in each child. The model is loaded here, once, never in a task.
+    try:
+        runtime.start()
+    except Exception as e:
+        # Celery logs and swallows exceptions from signal handlers; a worker without its model must not go on
+        # taking messages, so stop the process with the reason.
+        log.critical("worker cannot start: %s", e)
+        raise SystemExit(3) from e
