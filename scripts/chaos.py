@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers import RedisServer, WorkerProcess, free_port, redis_server_binary, worker_env  # noqa: E402
-
 from producer.client import Producer  # noqa: E402
 from worker.errors import StoreUnavailable  # noqa: E402
 from worker.schemas import Status  # noqa: E402

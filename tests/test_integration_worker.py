@@ -14,6 +14,7 @@ import redis
 
 from helpers import ROOT, WorkerProcess, smollm2_path, worker_env
 from producer.client import Producer, make_celery
+from worker.errors import UnknownConversation
 from worker.schemas import Status
 from worker.settings import Settings
 from worker.store import RedisStore
@@ -107,7 +108,7 @@ def test_cli_bad_input_and_unknown_ids_fail_clearly(stack):
     unknown = cli(env, "show", c)
     assert unknown.returncode == 4 and "no conversation" in unknown.stderr
     assert cli(env, "wait", "no-such-message", "--timeout", "1").returncode == 4
-    with pytest.raises(Exception):
+    with pytest.raises(UnknownConversation):
         producer.conversation(c)  # nothing was stored for the refused message
 
 

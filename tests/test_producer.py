@@ -12,7 +12,13 @@ from celery import Celery
 
 from helpers import ROOT, free_port
 from producer.client import Producer
-from worker.errors import InvalidMessage, MessageIdConflict, StoreUnavailable, UnknownConversation, WaitTimeout
+from worker.errors import (
+    InvalidMessage,
+    MessageIdConflict,
+    StoreUnavailable,
+    UnknownConversation,
+    WaitTimeout,
+)
 from worker.schemas import Sentiment, Status
 from worker.settings import Settings
 from worker.store import RedisStore

@@ -52,7 +52,7 @@ def classify_turns(
     """
     outcome: dict[str, str] = {}
     todo: list[Turn] = []
-    for mid, turn in zip(message_ids, store.get_turns(message_ids)):
+    for mid, turn in zip(message_ids, store.get_turns(message_ids), strict=True):
         if turn is None:
             outcome[mid] = "missing"
         elif turn.status is not Status.queued:
@@ -65,7 +65,7 @@ def classify_turns(
                 store.mark_failed(mid, f"invalid message: {e}")
                 outcome[mid] = "failed"
     if todo:
-        for turn, sentiment in zip(todo, engine.classify([t.text for t in todo])):
+        for turn, sentiment in zip(todo, engine.classify([t.text for t in todo]), strict=True):
             store.mark_classified(turn.message_id, sentiment, engine.model_id)
             outcome[turn.message_id] = "classified"
     return outcome
@@ -73,7 +73,7 @@ def classify_turns(
 
 def finish_sentiment_only(store: ResultsStore, message_ids: list[str], model_id: str) -> None:
     """Bulk jobs that want no reply: a classified turn is done, with an empty reply."""
-    for mid, turn in zip(message_ids, store.get_turns(message_ids)):
+    for mid, turn in zip(message_ids, store.get_turns(message_ids), strict=True):
         if turn is not None and turn.status is Status.classified:
             store.mark_done(mid, "", model_id)
 

@@ -105,10 +105,10 @@ def _done_fields(reply: str, model: str, error: str | None, context: list[str] |
 
 def _check_same(turn: Turn, conversation_id: str, text: str) -> None:
     if turn.conversation_id != conversation_id or turn.text != text:
-        raise MessageIdConflict(
-            f"message id {turn.message_id!r} was already submitted "
-            f"{'to conversation ' + repr(turn.conversation_id) if turn.conversation_id != conversation_id else 'with another text'}"
+        where = (
+            f"to conversation {turn.conversation_id!r}" if turn.conversation_id != conversation_id else "with another text"
         )
+        raise MessageIdConflict(f"message id {turn.message_id!r} was already submitted {where}")
 
 
 # --------------------------------------------------------------------------------------------------------------
