@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from worker import pipeline
@@ -77,6 +79,15 @@ def test_reply_waits_for_an_earlier_turn_still_in_flight(engine, store):
     with pytest.raises(NotReady, match=r"earlier turn\(s\) \[0\]"):
         pipeline.reply_turn(engine, store, "m1", order_wait_seconds=60)
     assert store.get_turn("m1").status is Status.classified and engine.replies == []
+
+
+def test_a_long_queue_before_the_turn_does_not_count_as_waiting(engine, store):
+    store.create_turn("c", "m0", "first")
+    store.create_turn("c", "m1", "second")
+    store._turns["m1"]["created_at"] = str(time.time() - 10_000)  # submitted long ago, behind a backlog...
+    pipeline.classify_turn(engine, store, "m1", 100)  # ...and only now ready for its reply
+    with pytest.raises(NotReady):
+        pipeline.reply_turn(engine, store, "m1", order_wait_seconds=60)
 
 
 def test_reply_stops_waiting_after_the_bound(engine, store):

@@ -89,7 +89,10 @@ def history_for(store: ResultsStore, turn: Turn, order_wait_seconds: float, now:
     earlier = [t for t in conv.turns if t.seq < turn.seq]
     pending = [t for t in earlier if not t.status.terminal]
     now = time.time() if now is None else now
-    if pending and now - turn.created_at < order_wait_seconds:
+    # The clock starts when this turn became ready for its reply, not when it was submitted: a long queue in front
+    # of a conversation (a bulk backlog) must not count as "the earlier turn is lost".
+    ready_since = turn.classified_at or turn.created_at
+    if pending and now - ready_since < order_wait_seconds:
         raise NotReady(
             f"turn {turn.seq} of {turn.conversation_id!r} waits for earlier turn(s) "
             f"{[t.seq for t in pending]} to finish"

@@ -50,10 +50,11 @@ class Settings(BaseSettings):
         "Must exceed the longest task (reply_timeout_seconds plus a batch of sentiment).",
     )
     order_wait_seconds: float = Field(
-        300.0,
+        1800.0,
         ge=0,
         description="A reply waits (re-queued with a countdown) up to this long for the earlier turns of its "
-        "conversation to finish, so its prompt holds exactly the turns before it.",
+        "conversation to finish, so its prompt holds exactly the turns before it. Keep it above the visibility "
+        "timeout: an earlier turn held by a crashed worker comes back only after that.",
     )
     redis_retry_seconds: float = Field(
         10.0, ge=0, description="The producer retries a Redis that does not answer, with backoff, this long."

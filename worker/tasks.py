@@ -70,7 +70,8 @@ def _guarded(task: Task, raw: Any, step: Callable[[TaskPayload], Any]) -> Any:
     except NotReady as e:
         # Waiting for an earlier turn is not a failure: poll again soon (bounded by ALLINONE_ORDER_WAIT_SECONDS).
         log.info("%s %s: %s", task.name, payload.message_id, e)
-        raise task.retry(countdown=0.5, max_retries=None, exc=e) from None
+        # Backoff 0.5 s doubling to 5 s: quick when the earlier turn is about to finish, little churn when not.
+        raise task.retry(countdown=min(5.0, 0.5 * 2**task.request.retries), max_retries=None, exc=e) from None
     except TransientError as e:
         log.warning("%s %s: transient error, retry %d: %s", task.name, payload.message_id, task.request.retries, e)
         raise task.retry(countdown=_backoff(task.request.retries), max_retries=TRANSIENT_RETRIES, exc=e) from None
