@@ -655,7 +655,8 @@ class BulkJob:
                     self.tally.labels[turn.sentiment.label] += 1
                     if e["t"] is not None:
                         self.tally.buckets.add(e["t"], turn.sentiment.label)
-                rec["reply"] = turn.reply or None
+                # Sentiment-only turns end with an empty reply: none, in the results. A chat reply is kept as is.
+                rec["reply"] = None if self.sentiment_only else turn.reply
             self.tally.statuses[rec["status"]] += 1
             writer.write(rec)
             self.tally.written += 1
