@@ -471,7 +471,8 @@ class Tally:
             "negative": neg,
             "positive_share": round(pos / (pos + neg), 4) if pos + neg else None,
             "enqueue_rate": round(self.good / self.enqueue_seconds, 1) if self.enqueue_seconds else None,
-            "throughput": round(self.finished / elapsed, 2) if elapsed > 0 else None,
+            # rows finished by the worker during this run (not those done by an earlier one), per second
+            "throughput": round(max(0, self.finished - self.already_done) / elapsed, 2) if elapsed > 0 else None,
             "elapsed_seconds": round(elapsed, 2),
         }
 
@@ -509,6 +510,7 @@ class BulkJob:
     # ---------------------------------------------------------------------------------------------- enqueue
     def enqueue(self, rows: Iterable[Row | BadRow]) -> None:
         """Store and enqueue every good row, in chunks; bad rows go to the errors file. Safe to run again."""
+        t0 = time.perf_counter()
         try:
             with self.errors_file.open("w", encoding="utf-8") as errors, self.spool_path.open(
                 "a", encoding="utf-8"
@@ -527,10 +529,10 @@ class BulkJob:
             self.failure = e
             raise
         finally:
+            self.tally.enqueue_seconds = time.perf_counter() - t0  # reading and parsing included
             self.enqueue_done.set()
 
     def _enqueue_chunk(self, chunk: list[Row | BadRow], errors: IO[str], spool: IO[str]) -> None:
-        t0 = time.perf_counter()
         good = [r for r in chunk if isinstance(r, Row)]
         bad = [r for r in chunk if isinstance(r, BadRow)]
         ids = [(conversation_id(self.job, r), message_id(self.job, r)) for r in good]
@@ -570,7 +572,6 @@ class BulkJob:
         self.tally.rows += len(chunk)
         self.tally.bad += len(bad)
         self.tally.enqueued += len(todo)
-        self.tally.enqueue_seconds += time.perf_counter() - t0
         if self.on_enqueued:
             self.on_enqueued(len(chunk), len(bad))
 
