@@ -109,3 +109,33 @@ def test_int8_path_loads_and_classifies(tiny_model_dir, tmp_path):
     fast = engine.score(MIXED, batch_size=4).p_positive
     plain = torch.cat([engine.score_plain(t).p_positive for t in MIXED])
     torch.testing.assert_close(fast, plain, atol=0.05, rtol=0)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_packed_bf16_linear_computes_what_linear_computes():
+    from worker.engine import PackedLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    packed = PackedLinear(linear)
+    for shape in [(1, 1, 64), (3, 17, 64)]:  # a decode step and a padded batch
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            torch.testing.assert_close(packed(x), linear(x), atol=0.05, rtol=0.02)
+    assert packed.weight is linear.weight  # tied embeddings and the label rows still find it
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_packed_bf16_model_keeps_fast_and_plain_scores_together(tiny_model_dir, tmp_path):
+    from worker.engine import pack_bf16_linears
+
+    # Given the tiny model in bf16 with every Linear packed (what load() does on a CPU with native bf16)
+    engine = Engine(Settings(model=str(tiny_model_dir), dtype="bfloat16", threads=1, cache_dir=tmp_path))
+    engine.load()
+    pack_bf16_linears(engine.model)  # a no-op where load() already packed
+    assert not any(type(m) is torch.nn.Linear for m in engine.model.modules())
+    # Then the cached, batched scores still match the plain pass to bf16 precision, labels included
+    fast = engine.score(MIXED, batch_size=4)
+    plain = torch.cat([engine.score_plain(t).label_logits for t in MIXED])
+    torch.testing.assert_close(fast.label_logits, plain, atol=0.05, rtol=0.02)
+    assert engine.reply([], "hello").new_tokens > 0
