@@ -13,11 +13,11 @@ import time
 from typing import Any
 
 from celery import Celery
-from celery.canvas import Signature, chain
 from kombu.exceptions import OperationalError
 
 from worker.errors import StoreUnavailable, TurnFailed, WaitTimeout
-from worker.schemas import Conversation, Status, TaskPayload, Turn, new_message_id, validate_id, validate_text
+from worker.flows import send_turn
+from worker.schemas import Conversation, Status, Turn, new_message_id, validate_id, validate_text
 from worker.settings import Settings, get_settings
 from worker.store import ResultsStore, store_from_settings
 
@@ -68,13 +68,8 @@ class Producer:
         return message_id
 
     def _enqueue(self, turn: Turn, queue: str) -> None:
-        payload = TaskPayload(message_id=turn.message_id, conversation_id=turn.conversation_id).model_dump()
-        flow = chain(
-            Signature("allinone.classify", args=(payload,), app=self.celery, queue=queue),
-            Signature("allinone.reply", app=self.celery, queue=queue),
-        )
         try:
-            flow.apply_async()
+            send_turn(self.celery, turn.message_id, turn.conversation_id, queue)
         except OperationalError as e:
             raise StoreUnavailable(
                 f"the broker did not take message {turn.message_id!r} (stored as queued; submit it again with "

@@ -86,7 +86,9 @@ def main() -> int:
     env = worker_env(server.url, model, tmp / "cache", ALLINONE_VISIBILITY_TIMEOUT_SECONDS=str(a.visibility),
                      ALLINONE_THREADS="2",
                      # room for a whole conversation, so every reply's context must be exactly the turns before it
-                     ALLINONE_HISTORY_TOKENS="8192")
+                     ALLINONE_HISTORY_TOKENS="8192",
+                     # a message lost in Celery's Redis transport (popped, never recorded) is re-sent this soon
+                     ALLINONE_STALE_AFTER_SECONDS=str(3 * a.visibility + 30))
     workers: list[WorkerProcess] = []
 
     def new_worker() -> WorkerProcess:

@@ -201,3 +201,14 @@ def test_password_is_never_logged(tmp_path, tiny_model_dir):
         assert secret not in worker.log()
     finally:
         proc.kill()
+
+
+def test_a_turn_whose_message_was_lost_is_sent_again_and_finished(server, make_worker):
+    # Celery's Redis transport pops a message before it records it as unacknowledged: a worker killed in between,
+    # or a Redis restart with the message in flight, loses it. Here the message never reaches the queue at all.
+    make_worker(ALLINONE_STALE_AFTER_SECONDS="3").start()
+    producer = producer_for(server)
+    producer.store.create_turn("c-lost", "lost-1", "stored, but its task message is gone")
+    turn = producer.wait("lost-1", timeout=60)
+    assert turn.status is Status.done and turn.sentiment is not None
+    assert redis.Redis.from_url(server.url).zcard("allinone:pending") == 0

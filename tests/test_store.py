@@ -117,7 +117,7 @@ def test_redis_key_layout_is_as_documented():
     store = RedisStore(r, prefix="p", ttl_seconds=120)
     store.create_turn("c1", "m1", "x")
     store.heartbeat("w1", {"model": "m"}, ttl=10)
-    assert sorted(r.keys("*")) == ["p:conv:c1", "p:turn:m1", "p:worker:w1"]
+    assert sorted(r.keys("*")) == ["p:conv:c1", "p:pending", "p:turn:m1", "p:worker:w1"]
     assert r.lrange("p:conv:c1", 0, -1) == ["m1"]
     assert r.hget("p:turn:m1", "status") == "queued"
 
@@ -152,3 +152,33 @@ def test_redis_away_raises_store_unavailable_after_bounded_retries():
         store.create_turn("c1", "m1", "x")
     with pytest.raises(StoreUnavailable):
         store.get_conversation("c1")
+
+
+def test_transitions_only_go_forward_and_the_first_writer_wins(store):
+    store.create_turn("c1", "m1", "x")
+    assert store.mark_classified("m1", Sentiment(label="positive", confidence=0.9), "m") is True
+    assert store.mark_done("m1", "first reply", "m") is True
+    # a duplicate task racing the original: neither a second reply nor a step back
+    assert store.mark_done("m1", "second reply", "m") is False
+    assert store.mark_classified("m1", Sentiment(label="negative", confidence=0.6), "m") is False
+    assert store.mark_failed("m1", "late failure") is False
+    t = store.get_turn("m1")
+    assert (t.status, t.reply, t.sentiment.label, t.error) == (Status.done, "first reply", "positive", None)
+
+
+def test_pending_index_tracks_unfinished_turns(store):
+    store.create_turn("c1", "m1", "x")
+    store.create_turn("c1", "m2", "y")
+    assert store.stale(older_than_seconds=-1) == ["m1", "m2"]
+    assert store.stale(older_than_seconds=60) == []  # just touched: not stale
+    store.mark_done("m1", "r", "m")
+    store.mark_failed("m2", "bad")
+    assert store.stale(older_than_seconds=-1) == []
+    store.touch("m1")  # touching a finished turn does not bring it back
+    assert store.stale(older_than_seconds=-1) == []
+
+
+def test_locks_expire(store):
+    assert store.try_lock("sweep", ttl_seconds=60) is True
+    assert store.try_lock("sweep", ttl_seconds=60) is False
+    assert store.try_lock("other", ttl_seconds=60) is True

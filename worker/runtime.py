@@ -45,10 +45,34 @@ def start(name: str | None = None, settings: Settings | None = None) -> None:
     threading.Thread(target=_beat, name="allinone-heartbeat", daemon=True).start()
 
 
+def sweep_interval() -> float:
+    """How often the stale sweep runs: often enough to notice within half the staleness bound, at most 15 s."""
+    return max(1.0, min(15.0, get_settings().stale_after_seconds / 2))
+
+
+def _sweep() -> None:
+    """Re-enqueue turns whose task was lost; one worker at a time (a lock that expires)."""
+    s = get_settings()
+    if not s.stale_after_seconds or _store is None:
+        return
+    if _store.try_lock("sweep", ttl_seconds=max(1, int(sweep_interval()))):
+        from worker.app import app
+        from worker.flows import sweep_stale
+
+        sweep_stale(_store, app, s.stale_after_seconds, s.live_queue)
+
+
 def _beat() -> None:
     # A thread, not a Celery timer: the solo pool's only thread is busy inside torch while a task runs, and the
     # heartbeat must keep saying "alive, model loaded" through a long reply.
+    last_sweep = 0.0
     while not _stop.is_set():
+        if time.monotonic() - last_sweep >= sweep_interval():
+            last_sweep = time.monotonic()
+            try:
+                _sweep()
+            except Exception as e:  # Redis away: try again next time
+                log.warning("stale sweep failed: %s", e)
         try:
             assert _store is not None and _engine is not None
             _store.heartbeat(

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
         "conversation to finish, so its prompt holds exactly the turns before it. Keep it above the visibility "
         "timeout: an earlier turn held by a crashed worker comes back only after that.",
     )
+    stale_after_seconds: float = Field(
+        1800.0,
+        ge=0,
+        description="A turn submitted one by one that no task has touched for this long is re-enqueued by a "
+        "worker (its message was lost between Redis and a worker that died). 0 turns the sweep off. Keep it "
+        "above the visibility timeout plus the reply bound.",
+    )
     redis_retry_seconds: float = Field(
         10.0, ge=0, description="The producer retries a Redis that does not answer, with backoff, this long."
     )

@@ -8,6 +8,10 @@ Redis key layout (``{p}`` is ``ALLINONE_KEY_PREFIX``, default ``allinone``)::
     {p}:deadletter               list   JSON {"payload", "reason", "at"} of task messages that could not be tied
                                         to a turn (malformed payloads), newest first, capped at 10,000
     {p}:worker:{hostname}        hash   heartbeat of a worker whose model is loaded (expires when it stops beating)
+    {p}:pending                  zset   unfinished turns submitted one by one, scored by the last time a task
+                                        touched them; a worker re-enqueues those untouched for
+                                        ALLINONE_STALE_AFTER_SECONDS (their task was lost), then they leave the set
+    {p}:lock:{name}              string a lock that expires by itself (one worker sweeps at a time)
 
 Every write refreshes the TTL (``ALLINONE_RESULT_TTL_SECONDS``) of the turn and of its conversation, so a
 conversation lives that long after its last activity. Message ids are global: the same id submitted twice is one
@@ -53,13 +57,23 @@ class ResultsStore(Protocol):
 
     def mark_enqueued(self, message_id: str) -> None: ...
 
-    def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> None: ...
+    def touch(self, message_id: str) -> None:
+        """Record that a task is working on this turn (keeps it out of the stale sweep)."""
+        ...
+
+    def unpend(self, message_id: str) -> None: ...
+
+    def stale(self, older_than_seconds: float, limit: int = 100) -> list[str]: ...
+
+    def try_lock(self, name: str, ttl_seconds: int) -> bool: ...
+
+    def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> bool: ...
 
     def mark_done(
         self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
-    ) -> None: ...
+    ) -> bool: ...
 
-    def mark_failed(self, message_id: str, reason: str) -> None: ...
+    def mark_failed(self, message_id: str, reason: str) -> bool: ...
 
     def bump_attempts(self, message_id: str) -> int: ...
 
@@ -114,33 +128,52 @@ def _check_same(turn: Turn, conversation_id: str, text: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _TurnWrites:
-    """The status transitions of a turn, written the same way by both stores (each supplies ``_update``)."""
+_OPEN = frozenset({Status.queued.value, Status.classified.value})
 
-    def _update(self, message_id: str, fields: dict[str, str]) -> None:
+
+class _TurnWrites:
+    """The status transitions of a turn, written the same way by both stores.
+
+    Each store supplies ``_update`` (atomic: writes only when the turn's status is one of ``only_from``) and the
+    pending index (``touch``/``unpend``). Transitions only go forward, and the first writer wins: a duplicate task
+    racing the original can never turn ``done`` back into ``classified`` or replace a stored reply.
+    """
+
+    def _update(self, message_id: str, fields: dict[str, str], only_from: frozenset[str] | None = None) -> bool:
+        raise NotImplementedError
+
+    def touch(self, message_id: str) -> None:
+        raise NotImplementedError
+
+    def unpend(self, message_id: str) -> None:
         raise NotImplementedError
 
     def mark_enqueued(self, message_id: str) -> None:
         self._update(message_id, {"enqueued_at": str(time.time())})
 
-    def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> None:
-        self._update(
-            message_id,
-            {
-                "status": Status.classified.value,
-                "sentiment": sentiment.model_dump_json(),
-                "model": model,
-                "classified_at": str(time.time()),
-            },
-        )
+    def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> bool:
+        fields = {
+            "status": Status.classified.value,
+            "sentiment": sentiment.model_dump_json(),
+            "model": model,
+            "classified_at": str(time.time()),
+        }
+        written = self._update(message_id, fields, only_from=frozenset({Status.queued.value}))
+        self.touch(message_id)
+        return written
 
     def mark_done(
         self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
-    ) -> None:
-        self._update(message_id, _done_fields(reply, model, error, context))
+    ) -> bool:
+        written = self._update(message_id, _done_fields(reply, model, error, context), only_from=_OPEN)
+        self.unpend(message_id)
+        return written
 
-    def mark_failed(self, message_id: str, reason: str) -> None:
-        self._update(message_id, {"status": Status.failed.value, "error": reason, "done_at": str(time.time())})
+    def mark_failed(self, message_id: str, reason: str) -> bool:
+        fields = {"status": Status.failed.value, "error": reason, "done_at": str(time.time())}
+        written = self._update(message_id, fields, only_from=_OPEN)
+        self.unpend(message_id)
+        return written
 
 
 class RedisStore(_TurnWrites):
@@ -218,6 +251,7 @@ class RedisStore(_TurnWrites):
             pipe.hset(tkey, mapping=_turn_to_fields(turn))
             pipe.expire(ckey, self.ttl)
             pipe.expire(tkey, self.ttl)
+            pipe.zadd(self.pending_key, {message_id: time.time()})
             return turn, True
 
         with self._guard():
@@ -226,17 +260,49 @@ class RedisStore(_TurnWrites):
             _check_same(turn, conversation_id, text)
         return turn, created
 
-    def _update(self, message_id: str, fields: dict[str, str]) -> None:
+    def _update(self, message_id: str, fields: dict[str, str], only_from: frozenset[str] | None = None) -> bool:
         tkey = self.turn_key(message_id)
-        with self._guard():
-            conv = self.r.hget(tkey, "conversation_id")
+
+        def txn(pipe: redis.client.Pipeline) -> bool:
+            # WATCH: the status read and the write are one step, however many workers race on this turn.
+            conv, status = pipe.hmget(tkey, ["conversation_id", "status"])
             if conv is None:
                 raise UnknownMessage(f"no turn with message id {message_id!r} (never submitted, or expired)")
-            pipe = self.r.pipeline(transaction=True)
+            if only_from is not None and status not in only_from:
+                return False
+            pipe.multi()
             pipe.hset(tkey, mapping=fields)
             pipe.expire(tkey, self.ttl)
             pipe.expire(self.conv_key(conv), self.ttl)
-            pipe.execute()
+            return True
+
+        with self._guard():
+            return bool(self.r.transaction(txn, tkey, value_from_callable=True))
+
+    @property
+    def pending_key(self) -> str:
+        return f"{self.prefix}:pending"
+
+    def touch(self, message_id: str) -> None:
+        """A task is working on this turn now (XX: only turns already in the pending index)."""
+        with self._guard():
+            self.r.zadd(self.pending_key, {message_id: time.time()}, xx=True)
+
+    def unpend(self, message_id: str) -> None:
+        with self._guard():
+            self.r.zrem(self.pending_key, message_id)
+
+    def stale(self, older_than_seconds: float, limit: int = 100) -> list[str]:
+        """Unfinished turns that no task has touched for ``older_than_seconds``, oldest first."""
+        with self._guard():
+            return list(
+                self.r.zrangebyscore(self.pending_key, "-inf", time.time() - older_than_seconds, start=0, num=limit)
+            )
+
+    def try_lock(self, name: str, ttl_seconds: int) -> bool:
+        """A lock that expires by itself: one worker at a time does a periodic chore."""
+        with self._guard():
+            return bool(self.r.set(f"{self.prefix}:lock:{name}", str(time.time()), nx=True, ex=ttl_seconds))
 
     def bump_attempts(self, message_id: str) -> int:
         tkey = self.turn_key(message_id)
@@ -396,6 +462,8 @@ class MemoryStore(_TurnWrites):
         self._expiry: dict[str, float] = {}
         self._dead: list[dict[str, Any]] = []
         self._workers: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._pending: dict[str, float] = {}
+        self._locks: dict[str, float] = {}
         self._lock = threading.Lock()
         self.ttl = ttl_seconds
         self.clock = clock
@@ -426,14 +494,39 @@ class MemoryStore(_TurnWrites):
             ids.append(message_id)
             self._turns[message_id] = _turn_to_fields(turn)
             self._touch(conversation_id, message_id)
+            self._pending[message_id] = time.time()
             return turn, True
 
-    def _update(self, message_id: str, fields: dict[str, str]) -> None:
+    def _update(self, message_id: str, fields: dict[str, str], only_from: frozenset[str] | None = None) -> bool:
         with self._lock:
             if message_id not in self._turns or not self._alive("t:" + message_id):
                 raise UnknownMessage(f"no turn with message id {message_id!r} (never submitted, or expired)")
+            if only_from is not None and self._turns[message_id].get("status") not in only_from:
+                return False
             self._turns[message_id].update(fields)
             self._touch(self._turns[message_id]["conversation_id"], message_id)
+            return True
+
+    def touch(self, message_id: str) -> None:
+        with self._lock:
+            if message_id in self._pending:
+                self._pending[message_id] = time.time()
+
+    def unpend(self, message_id: str) -> None:
+        with self._lock:
+            self._pending.pop(message_id, None)
+
+    def stale(self, older_than_seconds: float, limit: int = 100) -> list[str]:
+        cutoff = time.time() - older_than_seconds
+        with self._lock:
+            return [m for m, t in sorted(self._pending.items(), key=lambda kv: kv[1]) if t <= cutoff][:limit]
+
+    def try_lock(self, name: str, ttl_seconds: int) -> bool:
+        now = self.clock()
+        if self._locks.get(name, 0.0) > now:
+            return False
+        self._locks[name] = now + ttl_seconds
+        return True
 
     def bump_attempts(self, message_id: str) -> int:
         with self._lock:

@@ -1,0 +1,53 @@
+"""Sending a turn's work, and the sweep that re-sends turns whose task was lost."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from celery import Celery
+
+from test_producer import queued
+from worker.flows import send_turn, sweep_stale
+from worker.schemas import Sentiment
+from worker.store import MemoryStore
+
+
+@pytest.fixture()
+def app():
+    a = Celery("test-flows", broker="memory://")
+    a.conf.task_serializer = "json"
+    return a
+
+
+def test_send_turn_chains_sentiment_then_reply(app):
+    send_turn(app, "m1", "c1", "bulk")
+    (msg,) = queued(app, "bulk")
+    assert msg["task"] == "allinone.classify" and msg["args"] == [{"message_id": "m1", "conversation_id": "c1"}]
+    assert [c["task"] for c in msg["callbacks"]] == ["allinone.reply"]
+
+
+def test_sweep_resends_only_unfinished_turns_nobody_touched(app):
+    store = MemoryStore()
+    store.create_turn("c", "lost", "a message whose task vanished", queue="live")
+    store.create_turn("c", "done", "finished")
+    store.mark_done("done", "ok", "m")
+    store.create_turn("c", "fresh", "just touched")
+    store._pending["lost"] -= 100  # nobody touched it for 100 s
+    store._pending["ghost"] = 0.0  # a turn that expired meanwhile
+
+    sent = sweep_stale(store, app, stale_after_seconds=30, default_queue="live")
+
+    assert sent == ["lost"]
+    assert [m["args"][0]["message_id"] for m in queued(app, "live")] == ["lost"]
+    assert "ghost" not in store._pending and "done" not in store._pending
+    assert store._pending["lost"] > time.time() - 5  # touched: not sent again on the next sweep
+    assert sweep_stale(store, app, stale_after_seconds=30, default_queue="live") == []
+
+
+def test_a_turn_being_worked_on_is_never_stale(app):
+    store = MemoryStore()
+    store.create_turn("c", "m1", "x")
+    store._pending["m1"] -= 100
+    store.mark_classified("m1", Sentiment(label="positive", confidence=0.9), "m")  # a task just touched it
+    assert sweep_stale(store, app, stale_after_seconds=30, default_queue="live") == []
