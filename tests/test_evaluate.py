@@ -55,6 +55,13 @@ def test_ece_of_a_perfectly_calibrated_set_is_zero_and_confidence_one_lands_in_t
     assert ev.expected_calibration_error([], []) == 0.0
 
 
+def test_roc_auc_counts_the_pairs_a_score_orders_right():
+    # 2 positives x 2 negatives = 4 pairs: (0.9 > 0.1), (0.9 > 0.5), (0.5 = 0.5: half), (0.5 > 0.1) -> 3.5 / 4
+    assert ev.roc_auc([0.9, 0.5, 0.5, 0.1], [P, P, N, N]) == pytest.approx(0.875)
+    assert ev.roc_auc([0.1, 0.2, 0.8, 0.9], [P, P, N, N]) == 0.0
+    assert ev.roc_auc([0.7] * 4, [P, N, P, N]) == 0.5  # one constant score ranks nothing
+
+
 def test_balanced_subset_is_balanced_deterministic_and_in_file_order():
     ex = [Example(f"p{i}", P) for i in range(30)] + [Example(f"n{i}", N) for i in range(10)]
     random.Random(1).shuffle(ex)
@@ -179,15 +186,19 @@ def test_harness_matches_engine_classify(tiny_engine):
 
 
 # ---------------------------------------------------------------------------------------------- a real model
-SMOLLM2_FLOOR = 0.5
+# SmolLM2-135M answers "Positive" to every message with this prompt (measured: accuracy 0.50, every message
+# predicted positive), but its label-logit difference still ranks the messages better than chance (measured AUC
+# 0.578 on these 100, float32; 0.626 on all 400 en dev). The floors catch a harness, prompt or label-reading
+# regression that destroys the ranking; the Qwen-sized results are in docs/evaluation.md.
+SMOLLM2_ACCURACY_FLOOR = 0.5
+SMOLLM2_AUC_FLOOR = 0.55
 
 
 @pytest.mark.slow
 def test_smollm2_on_100_balanced_english_dev_messages_stays_above_its_floor(capsys):
     """The harness on a real instruction-tuned model (SmolLM2-135M) and the shared English dev split.
 
-    Measured: (measuring) on these 100 messages (float32); the floor leaves room for another CPU's
-    arithmetic, and still fails a broken prompt, label reading or harness (coin-flip is 50 %).
+    Measured values and floors: see SMOLLM2_ACCURACY_FLOOR and SMOLLM2_AUC_FLOOR above.
     """
     from pathlib import Path
 
@@ -202,4 +213,4 @@ def test_smollm2_on_100_balanced_english_dev_messages_stays_above_its_floor(caps
         assert ev.main(["--data", str(data), "--limit", "100", "--model", gguf, "--json", "--no-baseline"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["n"] == 100 and Path(r["model"]).name == Path(gguf).name
-    assert r["accuracy"] >= SMOLLM2_FLOOR, r
+    assert r["accuracy"] >= SMOLLM2_ACCURACY_FLOOR and r["auc"] >= SMOLLM2_AUC_FLOOR, r

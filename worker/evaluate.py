@@ -158,6 +158,29 @@ def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bo
     return sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in reliability_bins(confidence, correct, bins))
 
 
+def roc_auc(p_positive: Sequence[float], y_true: Sequence[str]) -> float:
+    """Area under the ROC curve of P(positive): the chance a random positive outranks a random negative (ties
+    count half). Threshold-free, so it shows ranking skill even when every label comes out the same."""
+    pos = [p for p, t in zip(p_positive, y_true, strict=True) if t == POS]
+    neg = [p for p, t in zip(p_positive, y_true, strict=True) if t == NEG]
+    if not pos or not neg:
+        return float("nan")
+    # rank-sum (Mann-Whitney U) with average ranks for ties
+    order = sorted(range(len(pos) + len(neg)), key=lambda i: (pos + neg)[i])
+    values = pos + neg
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    u = sum(ranks[: len(pos)]) - len(pos) * (len(pos) + 1) / 2
+    return u / (len(pos) * len(neg))
+
+
 def summarize(y_true: Sequence[str], y_pred: Sequence[str], confidence: Sequence[float] | None = None) -> dict[str, Any]:
     """Every metric of one set of predictions."""
     cm = confusion_matrix(y_true, y_pred)
@@ -204,6 +227,7 @@ def run(
     seconds = time.perf_counter() - t0
     y_pred = [s.label for s in sentiments]
     report = summarize(y_true, y_pred, [s.confidence for s in sentiments])
+    report["auc"] = roc_auc([s.confidence if s.label == POS else 1 - s.confidence for s in sentiments], y_true)
     report["method"] = sentiments[0].method if sentiments else "prompt"
     report["messages_per_second"] = len(texts) / seconds if seconds > 0 else 0.0
     report["seconds"] = seconds
@@ -212,6 +236,7 @@ def run(
         p = engine.prompt_p_positive(scores).tolist()
         pred = [POS if q >= 0.5 else NEG for q in p]
         report["prompt"] = summarize(y_true, pred, [max(q, 1 - q) for q in p])
+        report["prompt"]["auc"] = roc_auc(p, y_true)
     if train is not None:
         t1 = time.perf_counter()
         base = baseline_predict(train, texts)
@@ -267,6 +292,7 @@ def _text_report(r: dict[str, Any], title: str) -> str:
     def block(name: str, m: dict[str, Any]) -> None:
         cm = m["confusion_matrix"]
         ece = f"  ECE {m['ece']:.3f}" if "ece" in m else ""
+        ece += f"  AUC {m['auc']:.3f}" if "auc" in m else ""
         lines.append(
             f"  {name:<10} accuracy {m['accuracy']:.2%}  macro-F1 {m['macro_f1']:.4f}  "
             f"recall pos {m['recall'][POS]:.2%} neg {m['recall'][NEG]:.2%}  "
