@@ -770,24 +770,25 @@ def add_parser(sub: Any) -> None:
     b = sub.add_parser(
         "bulk",
         help="back-process a JSONL or CSV file through the bulk queue; results in input order",
-        description=__doc__.split("\n\n")[0] + " Re-run the same command to resume. See docs/bulk.md.",
+        description="Back-process a feedback log (JSONL or CSV) through the bulk queue; results in input order. "
+        "Run the same command again to resume. See docs/bulk.md.",
     )
     b.add_argument("input", metavar="INPUT", help="a .jsonl or .csv file (.gz too), or - for standard input")
     b.add_argument("--format", choices=["jsonl", "csv"], help="input format (default: from the name, else sniffed)")
-    b.add_argument("--text-field", default="text", help="field holding the message text (default: text)")
-    b.add_argument("--id-field", default="id",
+    b.add_argument("--text-field", default="text", metavar="NAME", help="field holding the message text (default: text)")
+    b.add_argument("--id-field", default="id", metavar="NAME",
                    help="field holding the row id (default: id); rows without one are keyed by line number")
-    b.add_argument("--conversation-field",
+    b.add_argument("--conversation-field", metavar="NAME",
                    help="field grouping rows into conversations (turns in input order); default: one per row")
-    b.add_argument("--timestamp-field", help="field with the row's time (epoch or ISO 8601), for the plot")
+    b.add_argument("--timestamp-field", metavar="NAME", help="field with the row's time (epoch or ISO 8601), for the plot")
     b.add_argument("--sentiment-only", action="store_true", help="labels only, no replies (batched, much faster)")
-    b.add_argument("--job", help="job name (default: the input's name + a hash of the input path and options); "
+    b.add_argument("--job", metavar="NAME", help="job name (default: the input's name + a hash of the input path and options); "
                                  "same job = resume")
-    b.add_argument("--out", required=True, type=Path, help="results file, .jsonl or .csv")
-    b.add_argument("--plot", type=Path, help="write a PNG of the sentiment shares (over time with --timestamp-field)")
-    b.add_argument("--batch-size", type=int, default=32,
+    b.add_argument("--out", required=True, type=Path, metavar="RESULTS", help="results file, .jsonl or .csv")
+    b.add_argument("--plot", type=Path, metavar="SUMMARY.png", help="write a PNG of the sentiment shares (over time with --timestamp-field)")
+    b.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="rows per classify_batch task with --sentiment-only (default 32)")
-    b.add_argument("--timeout", type=float, default=600.0,
+    b.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="give up collecting when no row finished for this many seconds (default 600; 0: never)")
     b.add_argument("--no-wait", action="store_true", help="enqueue and exit; run again without it to collect")
     # Rows per store pipeline and publish batch; smaller only to see a slow stdin trickle enqueued sooner.
