@@ -51,3 +51,12 @@ def test_a_turn_being_worked_on_is_never_stale(app):
     store._pending["m1"] -= 100
     store.mark_classified("m1", Sentiment(label="positive", confidence=0.9), "m")  # a task just touched it
     assert sweep_stale(store, app, stale_after_seconds=30, default_queue="live") == []
+
+
+def test_no_resend_while_the_queue_has_a_backlog(app):
+    store = MemoryStore()
+    store.create_turn("c", "m1", "x")
+    store._pending["m1"] -= 100
+    store.queue_length = lambda queue: 250  # its message may still be waiting in there
+    assert sweep_stale(store, app, stale_after_seconds=30, default_queue="live") == []
+    assert queued(app, "live") == []

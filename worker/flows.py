@@ -40,7 +40,12 @@ def sweep_stale(
         if turn is None or turn.status.terminal:
             store.unpend(mid)
             continue
-        send_turn(app, turn.message_id, turn.conversation_id, turn.queue or default_queue)
+        queue = turn.queue or default_queue
+        if store.queue_length(queue):
+            # A backlog: the turn's message may simply be waiting in it. Only an empty queue tells "lost" apart
+            # from "not yet taken"; try again at a later sweep.
+            continue
+        send_turn(app, turn.message_id, turn.conversation_id, queue)
         store.touch(mid)
         sent.append(mid)
     if sent:

@@ -67,6 +67,8 @@ class ResultsStore(Protocol):
 
     def try_lock(self, name: str, ttl_seconds: int) -> bool: ...
 
+    def queue_length(self, queue: str) -> int: ...
+
     def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> bool: ...
 
     def mark_done(
@@ -299,6 +301,11 @@ class RedisStore(_TurnWrites):
                 self.r.zrangebyscore(self.pending_key, "-inf", time.time() - older_than_seconds, start=0, num=limit)
             )
 
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting on a Celery queue in this Redis (kombu keeps a queue as a list named after it)."""
+        with self._guard():
+            return int(self.r.llen(queue))
+
     def try_lock(self, name: str, ttl_seconds: int) -> bool:
         """A lock that expires by itself: one worker at a time does a periodic chore."""
         with self._guard():
@@ -520,6 +527,9 @@ class MemoryStore(_TurnWrites):
         cutoff = time.time() - older_than_seconds
         with self._lock:
             return [m for m, t in sorted(self._pending.items(), key=lambda kv: kv[1]) if t <= cutoff][:limit]
+
+    def queue_length(self, queue: str) -> int:
+        return 0  # no broker in memory: nothing waits
 
     def try_lock(self, name: str, ttl_seconds: int) -> bool:
         now = self.clock()
