@@ -64,7 +64,11 @@ def cmd_dead(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m producer", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m producer",
+        description="Send messages, wait for them, show conversations, back-process files.",
+        epilog="Exit codes: 0 ok, 1 the turn failed, 2 bad input, 3 timed out, 4 unknown id, 5 Redis unavailable.",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("send", help="enqueue one message; prints its message id at once")
     s.add_argument("--conversation", "-c", required=True, help="conversation id")
