@@ -64,3 +64,9 @@ def test_batch_task_skips_bad_payloads_and_labels_the_rest(store):
     assert out == {"m0": "classified", "m1": "classified", "m2": "classified"}
     assert all(store.get_turn(f"m{i}").status is Status.done for i in range(3))
     assert len(store.dead_letters()) == 1
+
+
+def test_waiting_for_order_is_not_limited_by_celerys_default_of_three_retries():
+    # task.retry(max_retries=None) means "the task's own limit"; Celery's default of 3 made replies that waited
+    # for a slow earlier turn fail (the chaos run showed it). The order wait bounds the waiting instead.
+    assert tasks.reply.max_retries is None and tasks.classify.max_retries is None

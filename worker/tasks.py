@@ -71,6 +71,7 @@ def _guarded(task: Task, raw: Any, step: Callable[[TaskPayload], Any]) -> Any:
         # Waiting for an earlier turn is not a failure: poll again soon (bounded by ALLINONE_ORDER_WAIT_SECONDS).
         log.info("%s %s: %s", task.name, payload.message_id, e)
         # Backoff 0.5 s doubling to 5 s: quick when the earlier turn is about to finish, little churn when not.
+        # (max_retries=None here means "the task's own", which is None: unbounded; the order wait bounds it.)
         raise task.retry(countdown=min(5.0, 0.5 * 2**task.request.retries), max_retries=None, exc=e) from None
     except TransientError as e:
         log.warning("%s %s: transient error, retry %d: %s", task.name, payload.message_id, task.request.retries, e)
@@ -84,7 +85,7 @@ def _guarded(task: Task, raw: Any, step: Callable[[TaskPayload], Any]) -> Any:
     except Exception as e:
         if task.request.retries < UNEXPECTED_RETRIES:
             log.exception("%s %s: unexpected error, will retry", task.name, payload.message_id)
-            raise task.retry(countdown=_backoff(task.request.retries), exc=e) from None
+            raise task.retry(countdown=_backoff(task.request.retries), max_retries=UNEXPECTED_RETRIES, exc=e) from None
         log.exception("%s %s: unexpected error, giving up", task.name, payload.message_id)
         _record_failure(store, payload, raw, task.name, f"internal error: {type(e).__name__}: {e}")
         raise Ignore() from None
@@ -99,7 +100,7 @@ def _record_failure(store: Any, payload: TaskPayload, raw: Any, task: str, reaso
         store.dead_letter({"task": task, "payload": raw}, reason)
 
 
-@app.task(name="allinone.classify", bind=True, base=AllInOneTask)
+@app.task(name="allinone.classify", bind=True, base=AllInOneTask, max_retries=None)
 def classify(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Sentiment of one message; returns the payload, which the chain hands to ``allinone.reply``."""
 
@@ -112,7 +113,7 @@ def classify(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     return _guarded(self, payload, step)
 
 
-@app.task(name="allinone.reply", bind=True, base=AllInOneTask)
+@app.task(name="allinone.reply", bind=True, base=AllInOneTask, max_retries=None)
 def reply(self: Task, payload: dict[str, Any]) -> None:
     """The chat reply of one message, seeing the conversation's earlier turns."""
 
@@ -122,7 +123,7 @@ def reply(self: Task, payload: dict[str, Any]) -> None:
     _guarded(self, payload, step)
 
 
-@app.task(name="allinone.classify_batch", bind=True, base=AllInOneTask)
+@app.task(name="allinone.classify_batch", bind=True, base=AllInOneTask, max_retries=None)
 def classify_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, str]:
     """Sentiment only, for many messages in batched forward passes (bulk jobs). Turns end ``done``, no reply."""
     store = runtime.store()
