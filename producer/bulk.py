@@ -506,6 +506,7 @@ class BulkJob:
     on_enqueued: Any = None
     on_finished: Any = None
     on_total: Any = None
+    on_enqueue_end: Any = None
 
     # ---------------------------------------------------------------------------------------------- enqueue
     def enqueue(self, rows: Iterable[Row | BadRow]) -> None:
@@ -530,6 +531,8 @@ class BulkJob:
             raise
         finally:
             self.tally.enqueue_seconds = time.perf_counter() - t0  # reading and parsing included
+            if self.on_enqueue_end:
+                self.on_enqueue_end()
             self.enqueue_done.set()
 
     def _enqueue_chunk(self, chunk: list[Row | BadRow], errors: IO[str], spool: IO[str]) -> None:
@@ -844,6 +847,8 @@ def cmd_bulk(a: argparse.Namespace, store: BulkStore | None = None, sender: Send
                           "smoothing": 0.1}
     enq = tqdm(total=total, desc="enqueued ", position=0, **kw)
     bulk.on_enqueued = lambda n, _bad: enq.update(n)
+    # Closed when enqueuing ends, so that its rate and time are the enqueue phase's, not the whole run's.
+    bulk.on_enqueue_end = lambda: (_set_total(enq, bulk.tally.rows), enq.close())
     fin = None
     code = 0
     try:
@@ -852,7 +857,7 @@ def cmd_bulk(a: argparse.Namespace, store: BulkStore | None = None, sender: Send
         else:
             fin = tqdm(total=total, desc="completed", position=1, **kw)
             bulk.on_finished = fin.update
-            bulk.on_total = lambda n: (_set_total(fin, n), _set_total(enq, bulk.tally.rows))
+            bulk.on_total = lambda n: _set_total(fin, n)
             t = threading.Thread(target=_quiet(bulk.enqueue), args=(rows,), name="bulk-enqueue", daemon=True)
             t.start()
             tmp = out.with_name(out.name + ".partial")
