@@ -55,7 +55,7 @@ def test_bench_runs_end_to_end_and_reports_every_number(tiny_settings, messages_
     # Given the tiny model and a handful of mixed messages
     argv = ["--model", tiny_settings.model, "--dtype", "float32", "--threads", "1", "--messages", str(messages_file)]
     # When the benchmark runs with --json
-    assert bench.main(argv + ["--n", "6", "--reply-tokens", "8", "--batch-size", "4", "--json"]) == 0
+    assert bench.main(argv + ["--n", "6", "--reply-tokens", "8", "--batch-size", "4", "--rounds", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     # Then every headline number is there and positive, with what it was measured on
     for key in KEYS:
@@ -69,7 +69,7 @@ def test_bench_runs_end_to_end_and_reports_every_number(tiny_settings, messages_
 
 def test_bench_table_names_the_machine(tiny_settings, messages_file, capsys):
     argv = ["--model", tiny_settings.model, "--dtype", "float32", "--threads", "1", "--messages", str(messages_file)]
-    assert bench.main(argv + ["--n", "2", "--reply-tokens", "2"]) == 0
+    assert bench.main(argv + ["--n", "2", "--reply-tokens", "2", "--rounds", "1"]) == 0
     table = capsys.readouterr().out
     assert "x naive" in table and "bandwidth-limit decode" in table and "peak RSS" in table
 
