@@ -726,25 +726,24 @@ def plot_summary(tally: Tally, path: Path, title: str) -> None:
     if over_time:
         ax2 = axes[0][1]
         keys = sorted(tally.buckets.counts)
-        # Re-bucket to at most ~60 bars so a long log stays readable.
-        width = tally.buckets.width
-        span = (keys[-1] - keys[0]) + width
-        while span / width > 60:
-            width *= 2
+        # Re-bucket to the smallest round width that gives at most ~60 bars, so a long log stays readable.
+        span = keys[-1] - keys[0] + tally.buckets.width
+        width = next((w for w in _NICE_WIDTHS if w >= tally.buckets.width and span / w <= 60), _NICE_WIDTHS[-1])
+        width = max(width, tally.buckets.width)
         merged: dict[float, Counter[str]] = {}
         for k in keys:
-            merged.setdefault(k - (k - keys[0]) % width, Counter()).update(tally.buckets.counts[k])
+            merged.setdefault(k - k % width, Counter()).update(tally.buckets.counts[k])
         xs = sorted(merged)
         when = [datetime.fromtimestamp(x, tz=timezone.utc) for x in xs]
+        middle = [datetime.fromtimestamp(x + width / 2, tz=timezone.utc) for x in xs]
         p = [merged[x]["positive"] for x in xs]
         n = [merged[x]["negative"] for x in xs]
         share = [a / (a + b) if a + b else float("nan") for a, b in zip(p, n)]
-        w = width / 86400 * 0.9
-        ax2.bar(when, [a + b for a, b in zip(p, n)], width=w, color="#cccccc", align="edge", label="rows")
+        ax2.bar(when, [a + b for a, b in zip(p, n)], width=width / 86400 * 0.9, color="#cccccc", align="edge",
+                label="rows")
         ax2.set_ylabel("rows per bucket")
         ax3 = ax2.twinx()
-        ax3.plot([t + (when[1] - when[0]) / 2 if len(when) > 1 else t for t in when], share, "o-",
-                 color="#3a923a", label="positive share")
+        ax3.plot(middle, share, "o-", color="#3a923a", label="positive share")
         ax3.set_ylim(0, 1)
         ax3.set_ylabel("positive share")
         ax2.xaxis.set_major_formatter(mdates.ConciseDateFormatter(mdates.AutoDateLocator()))
@@ -758,10 +757,15 @@ def plot_summary(tally: Tally, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+_NICE_WIDTHS = [60 * m for m in (1, 5, 15, 30)] + [3600 * h for h in (1, 2, 3, 6, 12)] + [
+    86400 * d for d in (1, 2, 7, 14, 30, 91, 365)
+]
+
+
 def _human(seconds: float) -> str:
     for unit, s in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= s:
-            return f"{seconds / s:g} {unit}"
+            return f"{seconds / s:.3g} {unit}"
     return f"{seconds:g} s"
 
 
