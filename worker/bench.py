@@ -164,7 +164,7 @@ def naive_label(engine: Any, text: str, max_new_tokens: int = 10) -> str:
             pad_token_id=tok.pad_token_id,
         )
     answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).lower()
-    found = [(answer.find(w.lower()), label) for w, label in zip(prompts.LABEL_WORDS, prompts.LABELS)]
+    found = [(answer.find(w.lower()), label) for w, label in zip(prompts.LABEL_WORDS, prompts.LABELS, strict=True)]
     found = [(pos, label) for pos, label in found if pos >= 0]
     return min(found)[1] if found else "unknown"
 
@@ -302,9 +302,9 @@ def run(
     single_labels = [s.label for s in single]
     # Only where no sentiment head is configured do the labels come from the prompt scores compared here.
     agreement = {
-        "labels_fast_vs_plain": sum(a == b for a, b in zip(fast_labels, plain_labels)) / n,
-        "labels_single_vs_bulk": sum(a == b for a, b in zip(single_labels, fast_labels)) / n,
-        "labels_naive_vs_fast": sum(a == b for a, b in zip(naive, fast_labels)) / n,
+        "labels_fast_vs_plain": sum(a == b for a, b in zip(fast_labels, plain_labels, strict=True)) / n,
+        "labels_single_vs_bulk": sum(a == b for a, b in zip(single_labels, fast_labels, strict=True)) / n,
+        "labels_naive_vs_fast": sum(a == b for a, b in zip(naive, fast_labels, strict=True)) / n,
         "naive_unparsed": sum(a == "unknown" for a in naive) / n,
         "max_abs_p_positive_diff": float((fast_scores.p_positive - plain_p).abs().max()),
         "max_abs_logit_diff": float((fast_scores.label_logits - plain_logits).abs().max()),
@@ -367,25 +367,33 @@ def format_table(r: dict[str, Any]) -> str:
     mib = 2**20
     a = r["agreement"]
     cold = "-" if r["cold_load_seconds"] is None else f"{r['cold_load_seconds']:.1f} s"
+    msgs = f"{r['messages']} (mean {r['mean_message_tokens']:.0f} tokens on a {r['prefix_tokens']}-token prefix)"
+    single = f"{r['single_messages_per_second']:.2f} msg/s  ({r['speedup_single_vs_naive']:.1f}x naive)"
+    bulk = f"{r['bulk_messages_per_second']:.2f} msg/s  ({r['speedup_bulk_vs_naive']:.1f}x naive)"
+    diffs = f"max |dp| {a['max_abs_p_positive_diff']:.2g}, max |dlogit| {a['max_abs_logit_diff']:.2g}"
+    limit = r["bandwidth_limit_tokens_per_second"]
+    load = f"{cold} / {r['warm_load_seconds']:.1f} s ({r['warm_load_wall_seconds']:.1f} s from process start)"
+    rss = f"{r['peak_rss_bytes'] / mib:.0f} MiB ({r['rss_over_weights']:.2f}x weights)"
     rows = [
         ("model", r["model"]),
+        ("timed rounds (best kept)", str(r.get("rounds", 1))),
         ("cpu / threads", f"{r['cpu_model']} / {r['threads']}"),
         ("dtype / quantize", f"{r['dtype']} / {r['quantize']}"),
-        ("messages", f"{r['messages']} (mean {r['mean_message_tokens']:.0f} tokens on a {r['prefix_tokens']}-token prefix)"),
+        ("messages", msgs),
         ("naive generate, one at a time", f"{r['naive_messages_per_second']:.2f} msg/s"),
         ("plain forward, one at a time", f"{r['plain_messages_per_second']:.2f} msg/s"),
-        ("single (cached prefix)", f"{r['single_messages_per_second']:.2f} msg/s  ({r['speedup_single_vs_naive']:.1f}x naive)"),
-        (f"bulk (batches of {r['sentiment_batch_size']})", f"{r['bulk_messages_per_second']:.2f} msg/s  ({r['speedup_bulk_vs_naive']:.1f}x naive)"),
-        ("labels fast = plain", f"{a['labels_fast_vs_plain']:.1%} (max |dp| {a['max_abs_p_positive_diff']:.2g}, max |dlogit| {a['max_abs_logit_diff']:.2g})"),
-        ("labels naive = fast", f"{a['labels_naive_vs_fast']:.1%} ({a['naive_unparsed']:.0%} of naive answers unparsed)"),
+        ("single (cached prefix)", single),
+        (f"bulk (batches of {r['sentiment_batch_size']})", bulk),
+        ("labels fast = plain", f"{a['labels_fast_vs_plain']:.1%} ({diffs})"),
+        ("labels naive = fast", f"{a['labels_naive_vs_fast']:.1%} ({a['naive_unparsed']:.0%} of naive unparsed)"),
         ("reply first token", f"{r['reply_first_token_seconds']:.2f} s ({r['reply_prompt_tokens']}-token prompt)"),
         ("reply decode (generate)", f"{r['reply_tokens_per_second']:.1f} tok/s ({r['reply_new_tokens']} tokens)"),
         ("decode, bare forward loop", f"{r['decode_loop_tokens_per_second']:.1f} tok/s"),
         ("memory bandwidth", f"{r['memory_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s"),
-        ("bandwidth-limit decode", f"{r['bandwidth_limit_tokens_per_second']:.1f} tok/s  (decode at {r['decode_fraction_of_limit']:.0%} of it)"),
-        ("load cold / warm", f"{cold} / {r['warm_load_seconds']:.1f} s ({r['warm_load_wall_seconds']:.1f} s with imports)"),
+        ("bandwidth-limit decode", f"{limit:.1f} tok/s  (decode at {r['decode_fraction_of_limit']:.0%} of it)"),
+        ("load cold / warm", load),
         ("weights", f"{r['weights_bytes'] / mib:.0f} MiB"),
-        ("peak RSS, worker-like process", f"{r['peak_rss_bytes'] / mib:.0f} MiB ({r['rss_over_weights']:.2f}x weights)"),
+        ("peak RSS, worker-like process", rss),
         ("peak RSS, this benchmark", f"{r['bench_peak_rss_bytes'] / mib:.0f} MiB (reference paths, bandwidth probe)"),
     ]
     width = max(len(k) for k, _ in rows)
