@@ -1,6 +1,6 @@
 """Markdown table of several ``python -m worker.bench --json`` results side by side (one column per file).
 
-    python scripts/bench_compare.py bf16.json fp32.json int8.json
+python scripts/bench_compare.py bf16.json fp32.json int8.json
 """
 
 from __future__ import annotations

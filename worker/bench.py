@@ -243,9 +243,7 @@ def converted_cache_exists(settings: Any) -> bool | None:
     return (gguf_cache_dir(path, settings.cache_dir.expanduser(), dtype) / "config.json").is_file()
 
 
-def run(
-    settings: Any, texts: list[str], cold: bool = False, reply_tokens: int = 64, rounds: int = 2
-) -> dict[str, Any]:
+def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int = 64, rounds: int = 2) -> dict[str, Any]:
     import torch
 
     from worker.engine import Engine
