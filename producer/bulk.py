@@ -192,7 +192,7 @@ def read_jsonl(stream: IO[bytes], fields: Fields, max_chars: int) -> Iterator[Ro
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            yield BadRow(lines.n, f"broken JSON: {e.msg} at column {e.colno}")
+            yield BadRow(lines.n, f"broken JSON at column {e.colno}: {e.msg}")
             continue
         if not isinstance(obj, dict):
             yield BadRow(lines.n, f"a line must be a JSON object, got {type(obj).__name__}")

@@ -95,7 +95,7 @@ def test_jsonl_bad_rows_are_reported_with_their_line_and_reason():
     assert got == [
         (1, "ok"),
         (2, "text is empty"),
-        (3, "broken JSON: Expecting value at column 1"),
+        (3, "broken JSON at column 1: Expecting value"),
         (4, "a line must be a JSON object, got list"),
         (5, "text must be a string, got int"),
         (6, "no text (field 'text')"),
@@ -256,7 +256,7 @@ def test_end_to_end_results_in_input_order_with_errors_beside(tmp_path, store, c
     ]
     errors = read_jsonl(out.with_name("results.errors.jsonl"))
     assert [(e["line"], e["reason"]) for e in errors] == [
-        (2, "broken JSON: Expecting property name enclosed in double quotes at column 2"),
+        (2, "broken JSON at column 2: Expecting property name enclosed in double quotes"),
         (4, "text is empty"),
     ]
     assert summary["positive"] == 2 and summary["negative"] == 1 and summary["bad"] == 2

@@ -124,7 +124,7 @@ def test_stdin_input_is_sniffed_and_processed(stack, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["line"] for r in jsonl(out)] == [1, 2, 3, 4, 5]
     assert jsonl(tmp_path / "stdin.errors.jsonl") == [
-        {"line": 6, "id": None, "reason": "broken JSON: Expecting value at column 1"}]
+        {"line": 6, "id": None, "reason": "broken JSON at column 1: Expecting value"}]
 
 
 def test_a_killed_run_resumes_to_exactly_one_result_per_good_row(stack, tmp_path):
