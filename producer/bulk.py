@@ -561,6 +561,10 @@ class BulkJob:
             entries.append(json.dumps({"l": row.line, "i": row.input_id, "m": mid, "t": row.ts}) + "\n")
         if todo:
             if self.sentiment_only:
+                # Length bucketing across the chunk: each batch then holds texts of similar length, so the
+                # worker's forward passes waste little on padding (results are still written in input order).
+                length = {m: len(r.text) for (_, m), r in zip(ids, good)}
+                todo.sort(key=lambda p: length[p["message_id"]])
                 self.sender.send_batches(
                     [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
                 )

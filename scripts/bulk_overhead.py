@@ -1,0 +1,94 @@
+"""How much the queue costs on the bulk path: the engine's batched sentiment rate in this process, then the same
+messages end to end through ``python -m producer bulk --sentiment-only`` and a real worker, in one run.
+
+    python scripts/bulk_overhead.py --model "$(bash ../shared/models/get-qwen-proxy)" [--n 400]
+
+Prints one JSON object: engine_messages_per_second, queue_messages_per_second, overhead (1 - queue/engine).
+Uses the local Redis db 12 (ALLINONE_REDIS_URL to change it) and flushes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from helpers import WorkerProcess, worker_env  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+def messages(n: int) -> list[dict]:
+    rows = []
+    for lang in ("zh", "en"):
+        with (DATA / f"sentiment-{lang}.dev.jsonl").open() as f:
+            rows += [json.loads(line) for _, line in zip(range(n // 2), f)]
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=32)
+    a = ap.parse_args()
+    url = os.environ.get("ALLINONE_REDIS_URL", "redis://127.0.0.1:6379/12")
+    rows = messages(a.n)
+    threads = str(len(os.sched_getaffinity(0)))
+
+    # 1. the engine alone, batched, as the worker's classify_batch runs it
+    from worker.engine import Engine
+    from worker.settings import Settings
+
+    engine = Engine(Settings(model=a.model, threads=int(threads)))
+    engine.load()
+    texts = [r["text"] for r in rows]
+    engine.classify(texts[: a.batch_size], batch_size=a.batch_size)  # warm-up
+    t0 = time.perf_counter()
+    engine.classify(texts, batch_size=a.batch_size)
+    engine_rate = len(texts) / (time.perf_counter() - t0)
+    del engine
+    gc.collect()
+
+    # 2. the same messages through Redis, the bulk command and a real worker
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+    tmp = Path(tempfile.mkdtemp(prefix="allinone-bulk-overhead-"))
+    inp = tmp / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": r["id"], "text": r["text"]}, ensure_ascii=False) + "\n" for r in rows))
+    env = worker_env(url, a.model, Path.home() / ".cache" / "allinone", ALLINONE_THREADS=threads,
+                     ALLINONE_SENTIMENT_BATCH_SIZE=str(a.batch_size))
+    env.pop("ALLINONE_DTYPE")  # as the worker runs by default
+    worker = WorkerProcess(env=env, log_path=tmp / "worker.log").start(wait_ready=900)
+    try:
+        t0 = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, "-m", "producer", "bulk", str(inp), "--sentiment-only", "--out", str(tmp / "out.jsonl"),
+             "--batch-size", str(a.batch_size)], cwd=ROOT, env=env, capture_output=True, text=True,
+        )
+        queue_rate = len(rows) / (time.perf_counter() - t0)
+    finally:
+        worker.stop()
+    if out.returncode != 0:
+        print(out.stderr[-2000:], file=sys.stderr)
+        return 1
+    print(json.dumps({
+        "n": len(rows), "batch_size": a.batch_size, "threads": int(threads),
+        "engine_messages_per_second": round(engine_rate, 2), "queue_messages_per_second": round(queue_rate, 2),
+        "overhead": round(1 - queue_rate / engine_rate, 3),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
