@@ -86,6 +86,12 @@ def main() -> int:
         console.print(f"[yellow]no Redis answers at {url}: starting one[/]")
         url, own_redis = start_redis()
     model = os.environ.get("ALLINONE_MODEL") or smollm2()
+    # SmolLM2's prompt answers lean "Positive" whatever the text (49-50 % on the dev sets); the sentiment head
+    # trained for it (python -m worker.calibrate, 1,000 zh + 1,000 en train items, 7.5 KB) reads the same forward
+    # pass and gets 73 % zh / 78 % en. It belongs to that model and prompt only.
+    head = ROOT / "heads" / "smollm2-135m-instruct.safetensors"
+    if "ALLINONE_MODEL" not in os.environ and "ALLINONE_SENTIMENT_HEAD" not in os.environ and head.exists():
+        os.environ["ALLINONE_SENTIMENT_HEAD"] = str(head)
     env = {
         **os.environ,
         "ALLINONE_REDIS_URL": url,
@@ -142,7 +148,8 @@ def run(worker: subprocess.Popen, log_path: Path) -> int:
         turns = [producer.wait(mid, timeout=600) for mid in sent]
     seconds = time.monotonic() - t0
 
-    table = Table(title=f"{len(turns)} messages in {seconds:.1f} s", show_lines=True)
+    method = next((t.sentiment.method for t in turns if t.sentiment), "-")
+    table = Table(title=f"{len(turns)} messages in {seconds:.1f} s (sentiment: {method})", show_lines=True)
     for col in ("conversation", "#", "message", "sentiment", "reply"):
         table.add_column(col, overflow="fold")
     for t in turns:

