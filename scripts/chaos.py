@@ -98,6 +98,23 @@ def main() -> int:
 
     current = new_worker()
     current.wait_ready(600)
+    crashes = 0
+    swap = threading.Lock()
+    finished = threading.Event()
+
+    def supervise() -> None:
+        # What a process supervisor (compose's restart policy, systemd) does: a worker that ends on its own is
+        # started again. Celery can end a worker with "Unrecoverable error" when Redis drops while the worker
+        # holds unacknowledged messages (kombu's restore at connection close); those messages come back by the
+        # visibility timeout, so only the process needs replacing.
+        nonlocal current, crashes
+        while not finished.wait(0.5):
+            with swap:
+                if current.proc is not None and current.proc.poll() is not None:
+                    crashes += 1
+                    current = new_worker()
+
+    threading.Thread(target=supervise, daemon=True).start()
     producer = Producer(settings=Settings(redis_url=server.url, redis_retry_seconds=30))
     convs = [f"chaos-{i}" for i in range(a.conversations)]
     sent: dict[str, list[str]] = {c: [] for c in convs}
@@ -132,9 +149,10 @@ def main() -> int:
     for event in events:
         time.sleep(rnd.uniform(0.2, 2.0) * expected / max(1, len(events)))
         if event == "kill":
-            current.kill()
-            kills += 1
-            current = new_worker()
+            with swap:
+                current.kill()
+                kills += 1
+                current = new_worker()
             current.wait_ready(600)
         else:
             server.stop()
@@ -155,6 +173,7 @@ def main() -> int:
             break
         time.sleep(1)
     elapsed = time.monotonic() - t0
+    finished.set()
 
     lost = duplicated = out_of_order = failed = wrong_context = unlabelled = 0
     for conv in convs:
@@ -177,7 +196,8 @@ def main() -> int:
         "messages": a.messages, "conversations": a.conversations, "kills": kills, "redis_restarts": restarts,
         "lost": lost, "duplicated": duplicated, "out_of_order": out_of_order, "failed": failed,
         "wrong_context": wrong_context, "unlabelled": unlabelled, "redeliveries": attempts - a.messages,
-        "producer_retries": retries, "seconds": round(elapsed, 1), "logs": str(tmp),
+        "producer_retries": retries, "worker_crashes_restarted": crashes, "seconds": round(elapsed, 1),
+        "logs": str(tmp),
     }
     print(json.dumps(report))
     for w in workers:

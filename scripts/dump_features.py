@@ -11,7 +11,6 @@ Saves label_logits [N,2], hidden [N,H] (final layer, last token, as the engine r
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -38,25 +37,11 @@ def features(engine: Engine, texts: list[str], layers: list[int], bs: int = 16) 
         "mid": np.zeros((n, len(layers), h), np.float32),
     }
     plen = len(engine._prefix_ids)
-    pad = engine.tokenizer.pad_token_id or 0
     for start in range(0, n, bs):
         idx = order[start : start + bs]
         batch = [enc[i] for i in idx]
-        m, longest = len(batch), max(len(b) for b in batch)
-        ids = torch.full((m, longest), pad, dtype=torch.long)
-        mask = torch.zeros((m, plen + longest), dtype=torch.long)
-        mask[:, :plen] = 1
-        for r, b in enumerate(batch):
-            ids[r, : len(b)] = torch.tensor(b)
-            mask[r, plen : plen + len(b)] = 1
-        cache = copy.deepcopy(engine._prefix_cache)
-        if m > 1:
-            cache.batch_repeat_interleave(m)
-        with torch.inference_mode():
-            o = engine._decoder()(
-                input_ids=ids, attention_mask=mask, use_cache=True, output_hidden_states=True,
-                **{engine._cache_kw: cache},
-            )
+        m = len(batch)
+        o, mask = engine.forward_on_prefix(batch, output_hidden_states=True)
         last = torch.tensor([len(b) - 1 for b in batch])
         ar = torch.arange(m)
         hid = o.last_hidden_state[ar, last].float()

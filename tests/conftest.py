@@ -10,7 +10,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import TEST_DB, RedisServer, redis_answers  # noqa: E402
+from helpers import TEST_DB, RedisServer, WorkerProcess, redis_answers, worker_env  # noqa: E402
 from tiny_model import build_tiny_model  # noqa: E402
 
 # Tests never read the user's environment by accident, and never reach for the hub.
@@ -76,4 +76,17 @@ def redis_url(redis_base_url: str) -> Iterator[str]:
     client = redis.Redis.from_url(redis_base_url)
     client.flushdb()
     yield redis_base_url
+    client.flushdb()
+
+
+@pytest.fixture(scope="module")
+def tiny_worker(redis_base_url, tiny_model_dir, tmp_path_factory) -> Iterator[WorkerProcess]:
+    """A real ``python -m worker`` on the tiny model, for one test module; the test database is flushed before
+    and after the module (tests inside use their own conversation ids)."""
+    client = redis.Redis.from_url(redis_base_url)
+    client.flushdb()
+    env = worker_env(redis_base_url, str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
+    worker = WorkerProcess(env=env, log_path=tmp_path_factory.mktemp("logs") / "worker.log").start()
+    yield worker
+    worker.stop()
     client.flushdb()

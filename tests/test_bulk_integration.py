@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from helpers import ROOT, WorkerProcess, worker_env
+from helpers import ROOT
 from producer.client import Producer
 from worker.schemas import Status
 from worker.settings import Settings
@@ -23,15 +23,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def stack(redis_base_url, tiny_model_dir, tmp_path_factory):
-    client = redis.Redis.from_url(redis_base_url)
-    client.flushdb()
-    env = worker_env(redis_base_url, str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
-    worker = WorkerProcess(env=env, log_path=tmp_path_factory.mktemp("logs") / "worker.log").start()
+def stack(tiny_worker, redis_base_url):
     store = RedisStore(redis.Redis.from_url(redis_base_url, decode_responses=True))
-    yield worker, store, env
-    worker.stop()
-    client.flushdb()
+    yield tiny_worker, store, tiny_worker.env
 
 
 def bulk(env, *args, stdin=None, timeout=180) -> subprocess.CompletedProcess:

@@ -409,7 +409,11 @@ class Engine:
             hidden[idx] = hd
         return Scores(label_logits=logits, hidden=hidden)
 
-    def _score_batch(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_on_prefix(self, batch: list[list[int]], **kw: Any) -> tuple[Any, torch.Tensor]:
+        """Run message token lists, right-padded into one batch, on top of the cached prompt prefix.
+
+        Returns the decoder's output and the attention mask ([n, prefix + longest]); ``kw`` goes to the decoder
+        (e.g. ``output_hidden_states=True`` for experiments on other layers)."""
         n, longest, plen = len(batch), max(len(b) for b in batch), len(self._prefix_ids)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((n, longest), pad, dtype=torch.long)
@@ -423,7 +427,13 @@ class Engine:
         if n > 1:
             cache.batch_repeat_interleave(n)
         with torch.inference_mode():
-            out = self._decoder()(input_ids=ids, attention_mask=mask, use_cache=True, **{self._cache_kw: cache})
+            out = self._decoder()(input_ids=ids, attention_mask=mask, use_cache=True, **{self._cache_kw: cache}, **kw)
+        return out, mask
+
+    def _score_batch(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(batch)
+        out, _ = self.forward_on_prefix(batch)
+        with torch.inference_mode():
             last = torch.tensor([len(b) - 1 for b in batch])
             hidden = out.last_hidden_state[torch.arange(n), last].float()  # [n, H], after the final norm
         return self._label_logits(hidden), hidden
