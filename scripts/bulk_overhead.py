@@ -40,6 +40,8 @@ def main() -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--no-wait", action="store_true",
+                    help="enqueue with --no-wait and poll the store once a second instead of the command collecting")
     a = ap.parse_args()
     url = os.environ.get("ALLINONE_REDIS_URL", "redis://127.0.0.1:6379/12")
     rows = messages(a.n)
@@ -74,8 +76,13 @@ def main() -> int:
         t0 = time.perf_counter()
         out = subprocess.run(
             [sys.executable, "-m", "producer", "bulk", str(inp), "--sentiment-only", "--out", str(tmp / "out.jsonl"),
-             "--batch-size", str(a.batch_size)], cwd=ROOT, env=env, capture_output=True, text=True,
+             "--batch-size", str(a.batch_size), *(["--no-wait"] if a.no_wait else [])],
+            cwd=ROOT, env=env, capture_output=True, text=True,
         )
+        if a.no_wait:
+            r = redis.Redis.from_url(url, decode_responses=True)
+            while any(r.hget(k, "status") not in ("done", "failed") for k in r.scan_iter("allinone:turn:*")):
+                time.sleep(1.0)
         queue_rate = len(rows) / (time.perf_counter() - t0)
     finally:
         worker.stop()
