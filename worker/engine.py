@@ -15,12 +15,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
-import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,6 @@ class Reply:
     history_turns: int
     seconds: float
     timed_out: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def rss_bytes() -> int:
@@ -545,10 +543,3 @@ class Engine:
             seconds=seconds,
             timed_out=timed_out,
         )
-
-    def info(self) -> dict[str, Any]:
-        return {"model": self.settings.model, **(self.report.as_dict() if self.report else {})}
-
-
-def describe(report: LoadReport) -> str:
-    return json.dumps(report.as_dict())

@@ -53,9 +53,6 @@ class ModelLoadError(PermanentError):
     """The model or its tokenizer could not be loaded from the configured place."""
 
 
-class ReplyTimeout(AllInOneError):
-    """A reply ran past its wall-clock bound; the partial reply is kept and marked."""
-
 
 class WaitTimeout(AllInOneError, TimeoutError):
     """``Producer.wait`` gave up before the turn finished."""

@@ -101,7 +101,3 @@ def store() -> ResultsStore:
 
 def count_task() -> None:
     _stats["tasks"] += 1
-
-
-def stats() -> dict[str, Any]:
-    return {"name": _name, **_stats}
