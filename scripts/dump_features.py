@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--model")
     ap.add_argument("--dtype")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--all-layers", action="store_true", help="mid holds every layer's last-token state (float16)")
     a = ap.parse_args()
     kw = {k: v for k, v in (("model", a.model), ("dtype", a.dtype)) if v}
     settings = Settings(**kw)
@@ -76,10 +77,14 @@ def main() -> None:
     texts = [e.text for e in ex]
     n_layers = engine.model.config.num_hidden_layers
     layers = sorted({n_layers // 2, (3 * n_layers) // 4, n_layers - 4, n_layers - 2})
+    if a.all_layers:
+        layers = list(range(1, n_layers + 1))
     t0 = time.perf_counter()
     f = features(engine, texts, layers)
     dt = time.perf_counter() - t0
     y = np.array([1 if e.label == "positive" else 0 for e in ex], np.int8)
+    if a.all_layers:
+        f["mid"] = f["mid"].astype(np.float16)
     np.savez(a.out, labels=y, layers=np.array(layers), texts=np.array(texts), **f)
     acc = float(((f["label_logits"][:, 0] > f["label_logits"][:, 1]) == y).mean())
     print(json.dumps({"out": a.out, "n": len(y), "seconds": round(dt, 1), "prompt_accuracy": round(acc, 4),

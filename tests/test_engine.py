@@ -48,6 +48,20 @@ def test_cached_prefix_scores_equal_the_plain_forward_pass(tiny_engine):
         torch.testing.assert_close(fast.hidden[i], plain.hidden[0], atol=1e-4, rtol=1e-4)
 
 
+def test_inner_layer_states_on_the_cached_prefix_equal_the_plain_forward_pass(tiny_engine):
+    # Given batches of mixed lengths (right padding) asking for layer 1 of the tiny model's 2
+    fast = tiny_engine.score(TEXTS, batch_size=3, layers=(1,))
+    assert set(fast.layers) == {1} and fast.layers[1].shape == (len(TEXTS), tiny_engine.hidden_size)
+    for i, text in enumerate(TEXTS):
+        plain = tiny_engine.score_plain(text)
+        torch.testing.assert_close(fast.layers[1][i], plain.layers[1][0], atol=1e-4, rtol=1e-4)
+    # the inner state is not the final one (the final norm and one more layer lie between)
+    assert not torch.allclose(fast.layers[1], fast.hidden, atol=1e-2)
+    assert tiny_engine.score(TEXTS).layers == {}  # no head: no inner states kept
+    with pytest.raises(ValueError, match="layer 3 is not a layer of this model"):
+        tiny_engine.score(TEXTS, layers=(3,))
+
+
 @pytest.mark.parametrize("batch_size", [2, 3, 16])
 def test_batched_scores_equal_one_at_a_time(tiny_engine, batch_size):
     single = tiny_engine.score(TEXTS, batch_size=1)

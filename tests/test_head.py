@@ -48,7 +48,7 @@ def test_a_head_for_another_hidden_size_is_refused_with_a_clear_error(trained, t
         std=torch.ones(head.hidden_size * 2), hidden_size=head.hidden_size * 2, meta={"model": "a wider model"},
     )
     with pytest.raises(HeadError, match=r"hidden size 128 \(a wider model\) but the loaded model has 64"):
-        wide.check_dim(head.hidden_size)
+        wide.check_model(head.hidden_size, 2)
     path = wide.save(tmp_path / "wide.safetensors")
     with pytest.raises(HeadError, match="python -m worker.calibrate"):
         Engine(tiny_settings.model_copy(update={"sentiment_head": path})).load()
@@ -94,3 +94,41 @@ def test_calibrate_cli_trains_a_head_the_engine_loads(tiny_settings, tmp_path, m
     info = json.loads(capsys.readouterr().out)
     assert info["train_n"] == 30 and info["train_positive"] == 15 and info["bytes"] == out.stat().st_size
     assert SentimentHead.load(out).meta["prompt"] == calibrate.prompt_fingerprint()
+
+
+def test_a_head_on_inner_layers_is_trained_saved_and_used_by_the_engine(tiny_engine, tiny_settings, tmp_path):
+    # Given a head reading layer 1's state beside the final one
+    features = ("layer1", "hidden", "logits")
+    scores = tiny_engine.score(POS + NEG, layers=(1,))
+    y = torch.tensor([1] * len(POS) + [0] * len(NEG))
+    head = SentimentHead.fit(feature_matrix(scores, features), y, tiny_engine.hidden_size, features)
+    assert head.dim == 2 * tiny_engine.hidden_size + 2 and head.layers == (1,)
+    path = head.save(tmp_path / "layers.safetensors")
+    # When an engine loads it
+    engine = Engine(tiny_settings.model_copy(update={"sentiment_head": path}))
+    engine.load()
+    assert engine.feature_layers == (1,)
+    # Then its plain score() carries layer 1 and its labels are the head's on those features
+    out = engine.classify(POS + NEG)
+    p = head.p_positive(scores).tolist()
+    assert [s.label for s in out] == ["positive" if q >= 0.5 else "negative" for q in p]
+    assert [s.confidence for s in out] == pytest.approx([max(q, 1 - q) for q in p], abs=1e-5)
+    assert ((torch.tensor(p) >= 0.5).long() == y).float().mean().item() == 1.0
+
+
+def test_head_features_are_checked(trained, tiny_settings, tmp_path):
+    head, scores, y = trained
+    with pytest.raises(HeadError, match="unknown head feature 'layerX'"):
+        feature_matrix(scores, ("layerX",))
+    with pytest.raises(HeadError, match="no state of layer 1"):
+        feature_matrix(scores, ("layer1",))  # scored without layers
+    with pytest.raises(HeadError, match="do not match"):
+        SentimentHead.fit(torch.zeros(4, 3), torch.tensor([0, 1, 0, 1]), 64, ("hidden",))
+    # A head reading a layer deeper than the loaded model has is refused at load, with what to do
+    deep = SentimentHead(weight=torch.zeros(head.hidden_size), bias=0.0, mean=torch.zeros(head.hidden_size),
+                         std=torch.ones(head.hidden_size), hidden_size=head.hidden_size, features=("layer7",),
+                         meta={"model": "a deeper model"})
+    path = deep.save(tmp_path / "deep.safetensors")
+    assert SentimentHead.load(path).layers == (7,)
+    with pytest.raises(HeadError, match=r"reads layer 7 \(a deeper model\) but the loaded model has 2 layers"):
+        Engine(tiny_settings.model_copy(update={"sentiment_head": path})).load()

@@ -21,7 +21,7 @@ import torch
 
 from worker import prompts
 from worker.evaluate import POS, Example, balanced_subset, read_examples
-from worker.head import FEATURES, SentimentHead, feature_matrix
+from worker.head import SentimentHead, check_features, feature_layers, feature_matrix
 
 
 def prompt_fingerprint(few_shot: Any = None) -> str:
@@ -35,7 +35,8 @@ def train_head(
     engine: Any, examples: list[Example], features: tuple[str, ...] = ("hidden", "logits"), c: float | None = None
 ) -> SentimentHead:
     """Score ``examples`` on the loaded engine and fit a head on the features."""
-    scores = engine.score([e.text for e in examples])
+    check_features(features)
+    scores = engine.score([e.text for e in examples], layers=feature_layers(features))
     y = torch.tensor([1 if e.label == POS else 0 for e in examples])
     meta = {"model": engine.settings.model, "prompt": prompt_fingerprint(engine.few_shot)}
     return SentimentHead.fit(feature_matrix(scores, features), y, engine.hidden_size, features, c=c, meta=meta)
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="overrides ALLINONE_MODEL")
     ap.add_argument("--limit", type=int, help="a balanced, deterministic subset of this many messages per file")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--features", default="hidden,logits", help=f"comma-separated, of: {', '.join(FEATURES)}")
+    ap.add_argument("--features", default="hidden,logits", help="comma-separated, of: hidden (final state), logits (the two label logits), layerN (the state "
+                    "after decoder layer N, e.g. layer16)")
     ap.add_argument("--c", type=float, help="inverse regularisation strength (default: cross-validated)")
     a = ap.parse_args(argv)
 

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ class Scores:
 
     label_logits: torch.Tensor  # [B, 2] (positive, negative)
     hidden: torch.Tensor  # [B, H] final hidden state at each message's last token
+    # {n: [B, H]}: the residual stream after decoder layer n at the last token, for the layers a head reads
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def p_positive(self) -> torch.Tensor:
@@ -249,7 +251,7 @@ class Engine:
             from worker.head import SentimentHead
 
             self.head = SentimentHead.load(s.sentiment_head)
-            self.head.check_dim(self.hidden_size)
+            self.head.check_model(self.hidden_size, self.num_layers)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         weights += sum(b.numel() * b.element_size() for b in self.model.buffers())
         for m in self.model.modules():
@@ -376,6 +378,10 @@ class Engine:
         return int(ids[0])
 
     @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
     def hidden_size(self) -> int:
         assert self._label_weights is not None
         return int(self._label_weights.shape[1])
@@ -391,21 +397,35 @@ class Engine:
         ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return ids[: self.settings.sentiment_max_tokens] + self._suffix_ids
 
-    def score(self, texts: list[str], batch_size: int | None = None) -> Scores:
-        """Label logits and hidden states of many messages, batched, on the cached prefix."""
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """The inner layers whose states the loaded head reads (none without a head)."""
+        return self.head.layers if self.head is not None else ()
+
+    def score(self, texts: list[str], batch_size: int | None = None, layers: tuple[int, ...] | None = None) -> Scores:
+        """Label logits and hidden states of many messages, batched, on the cached prefix.
+
+        ``layers``: inner layers to return the last-token state of (default: those the loaded head reads)."""
         self._require_loaded()
         bs = batch_size or self.settings.sentiment_batch_size
+        layers = self.feature_layers if layers is None else tuple(layers)
+        for n in layers:
+            if not 1 <= n <= self.num_layers:
+                raise ValueError(f"layer {n} is not a layer of this model (1..{self.num_layers})")
         encoded = [self.message_ids(t) for t in texts]
         # Length bucketing: sorting by length keeps padding (wasted compute) small inside each batch.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         logits = torch.empty(len(texts), 2)
         hidden = torch.empty(len(texts), self.hidden_size)
+        inner = {n: torch.empty(len(texts), self.hidden_size) for n in layers}
         for start in range(0, len(order), bs):
             idx = order[start : start + bs]
-            lg, hd = self._score_batch([encoded[i] for i in idx])
+            lg, hd, states = self._score_batch([encoded[i] for i in idx], layers)
             logits[idx] = lg
             hidden[idx] = hd
-        return Scores(label_logits=logits, hidden=hidden)
+            for n in layers:
+                inner[n][idx] = states[n]
+        return Scores(label_logits=logits, hidden=hidden, layers=inner)
 
     def forward_on_prefix(self, batch: list[list[int]], **kw: Any) -> tuple[Any, torch.Tensor]:
         """Run message token lists, right-padded into one batch, on top of the cached prompt prefix.
@@ -428,13 +448,19 @@ class Engine:
             out = self._decoder()(input_ids=ids, attention_mask=mask, use_cache=True, **{self._cache_kw: cache}, **kw)
         return out, mask
 
-    def _score_batch(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score_batch(
+        self, batch: list[list[int]], layers: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
         n = len(batch)
-        out, _ = self.forward_on_prefix(batch)
+        # Inner states cost nothing extra to compute: the decoder only keeps references to them.
+        out, _ = self.forward_on_prefix(batch, **({"output_hidden_states": True} if layers else {}))
         with torch.inference_mode():
             last = torch.tensor([len(b) - 1 for b in batch])
-            hidden = out.last_hidden_state[torch.arange(n), last].float()  # [n, H], after the final norm
-        return self._label_logits(hidden), hidden
+            rows = torch.arange(n)
+            hidden = out.last_hidden_state[rows, last].float()  # [n, H], after the final norm
+            # hidden_states[0] is the embedding output, [k] the output of decoder layer k
+            states = {k: out.hidden_states[k][rows, last].float() for k in layers}
+        return self._label_logits(hidden), hidden, states
 
     def _label_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self._label_weights is not None
@@ -453,7 +479,9 @@ class Engine:
             out = self.model(input_ids=ids, output_hidden_states=True)
         logits = out.logits[0, -1].float()
         return Scores(
-            label_logits=logits[list(self._label_ids)].unsqueeze(0), hidden=out.hidden_states[-1][0, -1:].float()
+            label_logits=logits[list(self._label_ids)].unsqueeze(0),
+            hidden=out.hidden_states[-1][0, -1:].float(),
+            layers={k: out.hidden_states[k][0, -1:].float() for k in range(1, self.num_layers)},
         )
 
     def classify(self, texts: list[str], batch_size: int | None = None) -> list[Sentiment]:

@@ -1,9 +1,14 @@
 """A sentiment head: logistic regression on the features the engine already computes for the prompt.
 
 The sentiment prompt's forward pass ends in a final hidden state at the message's last token; the prompt reads
-just two rows of the LM head from it. A head reads the whole state (and, optionally, the two label logits),
-standardised with the train statistics, through one trained linear layer: a classifier-grade probe at the cost of
-one dot product, on the same forward pass, with the one model in memory. ``python -m worker.calibrate`` trains it.
+just two rows of the LM head from it. A head reads the whole state (and, optionally, the two label logits and the
+states of inner layers at the same token), standardised with the train statistics, through one trained linear
+layer: a classifier-grade probe at the cost of one dot product, on the same forward pass, with the one model in
+memory. ``python -m worker.calibrate`` trains it.
+
+Features: ``hidden`` (final, normed state), ``logits`` (the two label logits), ``layerN`` (the residual stream after
+decoder layer N). Middle layers carry more of a message's sentiment than the last one, which is shaped for
+predicting the next token.
 
 On disk: one safetensors file (weight, bias, mean, std; float32; a few KB) whose metadata names the features, the
 hidden size and the model it was trained on.
@@ -20,24 +25,53 @@ import torch
 
 from worker.errors import PermanentError
 
-FEATURES = ("hidden", "logits")
+FEATURES = ("hidden", "logits", "layerN")
 
 
 class HeadError(PermanentError):
     """A sentiment head file is missing, malformed, or does not fit the loaded model."""
 
 
+def layer_of(name: str) -> int | None:
+    """N for a ``layerN`` feature, None for the others."""
+    if name.startswith("layer") and name[5:].isdigit() and int(name[5:]) >= 1:
+        return int(name[5:])
+    return None
+
+
+def check_features(features: tuple[str, ...]) -> tuple[str, ...]:
+    if not features:
+        raise HeadError("a sentiment head needs at least one feature")
+    for name in features:
+        if name not in ("hidden", "logits") and layer_of(name) is None:
+            raise HeadError(f"unknown head feature {name!r}; known: hidden, logits, layerN (N >= 1)")
+    if len(set(features)) != len(features):
+        raise HeadError(f"a head feature is named twice: {','.join(features)}")
+    return features
+
+
+def feature_layers(features: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(n for n in (layer_of(f) for f in features) if n is not None)
+
+
 def feature_matrix(scores: Any, features: tuple[str, ...]) -> torch.Tensor:
     """The head's input from engine scores: the chosen features side by side, float32, [B, D]."""
     parts = []
-    for name in features:
+    for name in check_features(features):
         if name == "hidden":
             parts.append(scores.hidden.float())
         elif name == "logits":
             parts.append(scores.label_logits.float())
         else:
-            raise HeadError(f"unknown head feature {name!r}; known: {', '.join(FEATURES)}")
+            n = layer_of(name)
+            if n not in scores.layers:
+                raise HeadError(f"the engine's scores hold no state of layer {n} (score with layers=({n},))")
+            parts.append(scores.layers[n].float())
     return torch.cat(parts, dim=1)
+
+
+def feature_dim(features: tuple[str, ...], hidden_size: int) -> int:
+    return sum(2 if f == "logits" else hidden_size for f in features)
 
 
 @dataclass
@@ -56,16 +90,25 @@ class SentimentHead:
     def dim(self) -> int:
         return int(self.weight.shape[0])
 
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The inner layers whose states this head reads."""
+        return feature_layers(self.features)
+
     # ---------------------------------------------------------------------------------------- inference
-    def check_dim(self, hidden_size: int) -> None:
-        """Refuse a head trained on a model of another width, saying what to do."""
+    def check_model(self, hidden_size: int, num_layers: int) -> None:
+        """Refuse a head trained on a model of another shape, saying what to do."""
+        trained_on = self.meta.get("model", "another model")
+        fix = "train a head for this model with python -m worker.calibrate, or unset ALLINONE_SENTIMENT_HEAD"
         if hidden_size != self.hidden_size:
-            trained_on = self.meta.get("model", "another model")
             raise HeadError(
                 f"the sentiment head expects hidden size {self.hidden_size} ({trained_on}) but the loaded model has "
-                f"{hidden_size}: train a head for this model with python -m worker.calibrate, or unset "
-                "ALLINONE_SENTIMENT_HEAD"
+                f"{hidden_size}: {fix}"
             )
+        deep = [n for n in self.layers if n > num_layers]
+        if deep:
+            raise HeadError(f"the sentiment head reads layer {deep[0]} ({trained_on}) but the loaded model has "
+                            f"{num_layers} layers: {fix}")
 
     def logit(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
@@ -97,6 +140,9 @@ class SentimentHead:
 
         xs = x.double().numpy()
         y = positive.long().numpy()
+        check_features(tuple(features))
+        if x.shape[1] != feature_dim(tuple(features), hidden_size):
+            raise HeadError(f"{x.shape[1]} feature columns do not match {','.join(features)} at width {hidden_size}")
         if len(set(y.tolist())) < 2:
             raise HeadError("a sentiment head needs examples of both labels")
         mean = xs.mean(0)
@@ -172,10 +218,11 @@ class SentimentHead:
             features=tuple(md["features"].split(",")),
             meta=json.loads(md.get("meta", "{}")),
         )
-        for name in head.features:
-            if name not in FEATURES:
-                raise HeadError(f"{path}: unknown head feature {name!r}")
-        expected = sum(head.hidden_size if n == "hidden" else 2 for n in head.features)
+        try:
+            check_features(head.features)
+        except HeadError as e:
+            raise HeadError(f"{path}: {e}") from e
+        expected = feature_dim(head.features, head.hidden_size)
         if not (head.dim == expected == head.mean.shape[0] == head.std.shape[0]):
             raise HeadError(f"{path}: weight of {head.dim} features does not match {head.features}")
         return head
