@@ -183,34 +183,34 @@ def test_an_interrupted_wait_resumes_without_enqueuing_again(stack, tmp_path):
 
 
 def test_a_live_message_overtakes_the_queued_bulk_backlog(stack, tmp_path):
-    _, store, env = stack
-    # Given a bulk job of many small tasks queued with --no-wait
+    worker, store, env = stack
     src = tmp_path / "backlog.jsonl"
     n = 400
     src.write_text("\n".join(feedback_lines(n)) + "\n")
     out = tmp_path / "backlog.jsonl.out.jsonl"
     producer = Producer(settings=Settings(redis_url=env["ALLINONE_REDIS_URL"]))
-    producer.wait(producer.submit("warm-up", "hello"), timeout=60)  # connected: a submit now takes milliseconds
-    proc = bulk(env, src, "--out", out, "--sentiment-only", "--batch-size", "1", "--no-wait")
-    assert proc.returncode == 0 and summary(proc)["enqueued"] == n
-    # When a live message is submitted behind it
-    mid = producer.submit("live-conv", "Is the restaurant open tonight?")
+    # Given a bulk backlog of many small tasks and, queued after all of it, one live message. The worker is
+    # stopped meanwhile: a running worker may clear a backlog of the tiny model before a busy machine has
+    # started the next process, and then nothing would be overtaken.
+    assert worker.stop() is not None
+    try:
+        proc = bulk(env, src, "--out", out, "--sentiment-only", "--batch-size", "1", "--no-wait")
+        assert proc.returncode == 0 and summary(proc)["enqueued"] == n
+        mid = producer.submit("live-conv", "Is the restaurant open tonight?")
+    finally:
+        # When the worker starts on both queues
+        worker.start()
     live = producer.wait(mid, timeout=60)
-    # Then it is done (labelled and answered) while most of the bulk backlog is still waiting
+    # Then the live message is done (labelled and answered) first: at most the one bulk task taken in the same
+    # instant goes before it (the worker polls live before bulk, one message at a time).
     assert live.status is Status.done and live.reply is not None
     job = summary(proc)["job"]
     mids = [f"bulk:{job}:i:{i}" for i in range(n)]
     turns = store.get_turns(mids)
     done_before = [t for t in turns if t.done_at is not None and t.done_at <= live.done_at]
-    # Bulk rows that finished between the live message reaching the queue (enqueued_at: its publish returned) and
-    # its end: only the bulk task the worker had in hand when it arrived (two at most: one more may have been
-    # taken in the same instant). Counting from created_at instead would also count the rows finished while the
-    # producer was still publishing, which depends on how busy the machine is.
-    overtaken = [t for t in done_before if t.done_at >= live.enqueued_at]
-    print(f"bulk rows done before the live message: {len(done_before)} of {n}, after its submission: "
-          f"{len(overtaken)}; live took {live.done_at - live.created_at:.2f} s from submission")
-    assert len(done_before) < n / 2, f"{len(done_before)} bulk rows finished before the live message"
-    assert len(overtaken) <= 2, f"{len(overtaken)} bulk rows went before the live message once it was queued"
+    print(f"bulk rows done before the live message: {len(done_before)} of {n}; "
+          f"live took {live.done_at - live.created_at:.2f} s from submission (worker restart included)")
+    assert len(done_before) <= 1, f"{len(done_before)} bulk rows finished before the live message"
     # and the backlog finishes afterwards (collected by the same command without --no-wait; rows still queued
     # are enqueued again, and the worker skips the copy it reaches second)
     finish = bulk(env, src, "--out", out, "--sentiment-only", "--batch-size", "1", "--timeout", "120")
