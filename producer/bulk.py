@@ -540,11 +540,11 @@ class BulkJob:
         bad = [r for r in chunk if isinstance(r, BadRow)]
         ids = [(conversation_id(self.job, r), message_id(self.job, r)) for r in good]
         created = self.store.create_turns(
-            [(c, m, r.text) for (c, m), r in zip(ids, good)], queue=self.bulk_queue
+            [(c, m, r.text) for (c, m), r in zip(ids, good, strict=False)], queue=self.bulk_queue
         )
         todo: list[dict[str, str]] = []
         entries: list[str] = []
-        for row, (conv, mid), res in zip(good, ids, created):
+        for row, (conv, mid), res in zip(good, ids, created, strict=False):
             if isinstance(res, MessageIdConflict):
                 bad.append(BadRow(row.line, f"{res} (another row with the same id, or another job named "
                                             f"{self.job!r}: give this one its own --job)", row.input_id))
@@ -563,7 +563,7 @@ class BulkJob:
             if self.sentiment_only:
                 # Length bucketing across the chunk: each batch then holds texts of similar length, so the
                 # worker's forward passes waste little on padding (results are still written in input order).
-                length = {m: len(r.text) for (_, m), r in zip(ids, good)}
+                length = {m: len(r.text) for (_, m), r in zip(ids, good, strict=False)}
                 todo.sort(key=lambda p: length[p["message_id"]])
                 self.sender.send_batches(
                     [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
@@ -618,7 +618,7 @@ class BulkJob:
                 progressed = False
                 for i in range(0, len(waiting), 1000):
                     part = waiting[i : i + 1000]
-                    for e, s in zip(part, self.store.get_statuses([e["m"] for e in part])):
+                    for e, s in zip(part, self.store.get_statuses([e["m"] for e in part]), strict=False):
                         if s is None or s.terminal:
                             e["s"] = s.value if s else "missing"
                             self.tally.finished += 1
@@ -653,7 +653,7 @@ class BulkJob:
 
     def _write(self, writer: ResultsWriter, entries: list[dict[str, Any]]) -> None:
         turns = self.store.get_turns([e["m"] for e in entries])
-        for e, turn in zip(entries, turns):
+        for e, turn in zip(entries, turns, strict=False):
             rec: dict[str, Any] = {
                 "line": e["l"], "id": e["i"], "text": None, "label": None, "confidence": None, "reply": None,
                 "status": e["s"], "error": None, "message_id": e["m"], "conversation_id": None, "ts": e["t"],
@@ -732,7 +732,7 @@ def plot_summary(tally: Tally, path: Path, title: str) -> None:
     total = pos + neg
     shares = [pos / total, neg / total] if total else [0, 0]
     bars = ax.bar(["positive", "negative"], shares, color=["#3a923a", "#c03d3e"])
-    for b, n, s in zip(bars, (pos, neg), shares):
+    for b, n, s in zip(bars, (pos, neg), shares, strict=False):
         ax.text(b.get_x() + b.get_width() / 2, s + 0.01, f"{s:.0%}\n({n:,})", ha="center", va="bottom", fontsize=9)
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("share of rows")
@@ -752,8 +752,9 @@ def plot_summary(tally: Tally, path: Path, title: str) -> None:
         middle = [datetime.fromtimestamp(x + width / 2, tz=timezone.utc) for x in xs]
         p = [merged[x]["positive"] for x in xs]
         n = [merged[x]["negative"] for x in xs]
-        share = [a / (a + b) if a + b else float("nan") for a, b in zip(p, n)]
-        ax2.bar(when, [a + b for a, b in zip(p, n)], width=width / 86400 * 0.9, color="#cccccc", align="edge",
+        share = [a / (a + b) if a + b else float("nan") for a, b in zip(p, n, strict=False)]
+        ax2.bar(when, [a + b for a, b in zip(p, n, strict=False)], width=width / 86400 * 0.9, color="#cccccc",
+                align="edge",
                 label="rows")
         ax2.set_ylabel("rows per bucket")
         ax3 = ax2.twinx()
@@ -796,17 +797,21 @@ def add_parser(sub: Any) -> None:
     )
     b.add_argument("input", metavar="INPUT", help="a .jsonl or .csv file (.gz too), or - for standard input")
     b.add_argument("--format", choices=["jsonl", "csv"], help="input format (default: from the name, else sniffed)")
-    b.add_argument("--text-field", default="text", metavar="NAME", help="field holding the message text (default: text)")
+    b.add_argument("--text-field", default="text", metavar="NAME",
+                   help="field holding the message text (default: text)")
     b.add_argument("--id-field", default="id", metavar="NAME",
                    help="field holding the row id (default: id); rows without one are keyed by line number")
     b.add_argument("--conversation-field", metavar="NAME",
                    help="field grouping rows into conversations (turns in input order); default: one per row")
-    b.add_argument("--timestamp-field", metavar="NAME", help="field with the row's time (epoch or ISO 8601), for the plot")
+    b.add_argument("--timestamp-field", metavar="NAME",
+                   help="field with the row's time (epoch or ISO 8601), for the plot")
     b.add_argument("--sentiment-only", action="store_true", help="labels only, no replies (batched, much faster)")
-    b.add_argument("--job", metavar="NAME", help="job name (default: the input's name + a hash of the input path and options); "
-                                 "same job = resume")
+    b.add_argument("--job", metavar="NAME",
+                   help="job name (default: the input's name + a hash of the input path and options); "
+                        "same job = resume")
     b.add_argument("--out", required=True, type=Path, metavar="RESULTS", help="results file, .jsonl or .csv")
-    b.add_argument("--plot", type=Path, metavar="SUMMARY.png", help="write a PNG of the sentiment shares (over time with --timestamp-field)")
+    b.add_argument("--plot", type=Path, metavar="SUMMARY.png",
+                   help="write a PNG of the sentiment shares (over time with --timestamp-field)")
     b.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="rows per classify_batch task with --sentiment-only (default 32)")
     b.add_argument("--timeout", type=float, default=600.0, metavar="S",

@@ -46,7 +46,7 @@ def feedback_lines(n: int, bad_every: int = 0) -> list[str]:
     lines = []
     for i in range(n):
         if bad_every and i % bad_every == bad_every - 1:
-            lines.append('{"id": %d, "text": ' % i)  # broken JSON
+            lines.append(f'{{"id": {i}, "text": ')  # broken JSON
         else:
             mood = "great, friendly staff" if i % 2 else "terrible, dirty room"
             lines.append(json.dumps({"id": i, "text": f"review {i}: {mood}", "ts": 1_700_000_000 + 3600 * i}))
@@ -100,7 +100,7 @@ def test_csv_file_with_replies_and_conversations(stack, tmp_path):
                                                                  ("7", "5", "done")]
     assert all(r["label"] in ("positive", "negative") for r in rows)
     turns = store.get_turns([r["message_id"] for r in rows])
-    assert all(isinstance(t.reply, str) and t.reply == r["reply"] for t, r in zip(turns, rows))
+    assert all(isinstance(t.reply, str) and t.reply == r["reply"] for t, r in zip(turns, rows, strict=False))
     errors = jsonl(tmp_path / "chat.csv.out.errors.jsonl")
     assert [(e["line"], e["reason"]) for e in errors] == [
         (3, "text is empty"), (6, "expected 3 fields (as the header), got 4")]

@@ -6,8 +6,8 @@ import time
 
 import pytest
 from celery import Celery
-
 from test_producer import queued
+
 from worker.flows import send_turn, sweep_stale
 from worker.schemas import Sentiment
 from worker.store import MemoryStore

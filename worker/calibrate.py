@@ -14,7 +14,6 @@ import hashlib
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="overrides ALLINONE_MODEL")
     ap.add_argument("--limit", type=int, help="a balanced, deterministic subset of this many messages per file")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--features", default="hidden,logits", help="comma-separated, of: hidden (final state), logits (the two label logits), layerN (the state "
+    ap.add_argument("--features", default="hidden,logits",
+                    help="comma-separated, of: hidden (final state), logits (the two label logits), layerN (the state "
                     "after decoder layer N, e.g. layer16)")
     ap.add_argument("--c", type=float, help="inverse regularisation strength (default: cross-validated)")
     a = ap.parse_args(argv)

@@ -155,7 +155,8 @@ def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bo
     n = len(confidence)
     if not n:
         return 0.0
-    return sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in reliability_bins(confidence, correct, bins))
+    bins_ = reliability_bins(confidence, correct, bins)
+    return sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in bins_)
 
 
 def roc_auc(p_positive: Sequence[float], y_true: Sequence[str]) -> float:
@@ -181,7 +182,9 @@ def roc_auc(p_positive: Sequence[float], y_true: Sequence[str]) -> float:
     return u / (len(pos) * len(neg))
 
 
-def summarize(y_true: Sequence[str], y_pred: Sequence[str], confidence: Sequence[float] | None = None) -> dict[str, Any]:
+def summarize(
+    y_true: Sequence[str], y_pred: Sequence[str], confidence: Sequence[float] | None = None
+) -> dict[str, Any]:
     """Every metric of one set of predictions."""
     cm = confusion_matrix(y_true, y_pred)
     out: dict[str, Any] = {
@@ -314,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="labelled messages: JSON Lines or CSV")
     ap.add_argument("--model", help="overrides ALLINONE_MODEL (hub id, folder or .gguf)")
     ap.add_argument("--head", help="a sentiment head (python -m worker.calibrate); overrides ALLINONE_SENTIMENT_HEAD")
-    ap.add_argument("--no-head", action="store_true", help="prompt scoring alone even if ALLINONE_SENTIMENT_HEAD is set")
+    ap.add_argument("--no-head", action="store_true",
+                    help="prompt scoring alone even if ALLINONE_SENTIMENT_HEAD is set")
     ap.add_argument("--limit", type=int, help="a balanced, deterministic subset of this many messages")
     ap.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
     ap.add_argument("--train", help="train split for the baseline (default: the .train. file beside --data)")

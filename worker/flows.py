@@ -6,6 +6,7 @@ Only Celery primitives (``chain`` of ``Signature``s by task name), so sending ne
 from __future__ import annotations
 
 import logging
+
 from celery import Celery
 from celery.canvas import Signature, chain
 

@@ -122,7 +122,9 @@ def _done_fields(reply: str, model: str, error: str | None, context: list[str] |
 def _check_same(turn: Turn, conversation_id: str, text: str) -> None:
     if turn.conversation_id != conversation_id or turn.text != text:
         where = (
-            f"to conversation {turn.conversation_id!r}" if turn.conversation_id != conversation_id else "with another text"
+            f"to conversation {turn.conversation_id!r}"
+            if turn.conversation_id != conversation_id
+            else "with another text"
         )
         raise MessageIdConflict(f"message id {turn.message_id!r} was already submitted {where}")
 
@@ -421,11 +423,11 @@ return 1
                 )
             replies = pipe.execute()
         out: list[tuple[Turn, bool] | MessageIdConflict] = []
-        for turn, (created, value) in zip(fresh, replies):
+        for turn, (created, value) in zip(fresh, replies, strict=False):
             if created:
                 out.append((turn.model_copy(update={"seq": int(value)}), True))
                 continue
-            old = _turn_from_fields(dict(zip(value[::2], value[1::2])))
+            old = _turn_from_fields(dict(zip(value[::2], value[1::2], strict=False)))
             try:
                 _check_same(old, turn.conversation_id, turn.text)
                 out.append((old, False))
