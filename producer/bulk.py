@@ -324,12 +324,9 @@ class BulkStore(Protocol):
 class Sender(Protocol):
     """Puts tasks on the bulk queue."""
 
-    def send_batches(self, batches: list[list[dict[str, str]]]) -> None:
-        """One ``allinone.classify_batch`` per list of payloads (sentiment only)."""
-        ...
-
-    def send_chains(self, payloads: list[dict[str, str]]) -> None:
-        """One ``allinone.classify`` -> ``allinone.reply`` chain per payload."""
+    def send_batches(self, batches: list[list[dict[str, str]]], reply: bool = False) -> None:
+        """One ``allinone.classify_batch`` per list of payloads; with ``reply`` the worker then sends each
+        message's ``allinone.reply``."""
         ...
 
 
@@ -337,8 +334,6 @@ class CelerySender:
     """Publishes with Celery, all of one call's messages in one Redis pipeline (kombu's publish batch)."""
 
     def __init__(self, settings: Settings) -> None:
-        from celery.canvas import Signature
-
         from producer.client import make_celery
 
         self.queue = settings.bulk_queue
@@ -349,9 +344,6 @@ class CelerySender:
             **self.app.conf.broker_transport_options,
             "retry_on_timeout": False,
         }
-        # Chains are sent as their first task carrying the rest (what canvas.chain does), so that the producer
-        # and its publish batch are used: chain.apply_async would publish each message on its own.
-        self.reply = [dict(Signature("allinone.reply", app=self.app, queue=self.queue))]
 
     def _publish(self, sends: Iterable[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> None:
         from kombu.exceptions import OperationalError
@@ -363,16 +355,13 @@ class CelerySender:
         except (OperationalError, OSError) as e:
             raise StoreUnavailable(f"the broker did not take the bulk tasks (run the command again): {e}") from e
 
-    def send_batches(self, batches: list[list[dict[str, str]]]) -> None:
+    def send_batches(self, batches: list[list[dict[str, str]]], reply: bool = False) -> None:
+        # reply only when asked: a message without the keyword argument is what workers before it understood
+        kwargs = {"reply": True} if reply else {}
         self._publish(
-            ("allinone.classify_batch", (b,), {"argsrepr": f"[{len(b)} payloads]", "kwargsrepr": "{}"})
+            ("allinone.classify_batch", (b,),
+             {"kwargs": kwargs, "argsrepr": f"[{len(b)} payloads]", "kwargsrepr": repr(kwargs)})
             for b in batches
-        )
-
-    def send_chains(self, payloads: list[dict[str, str]]) -> None:
-        self._publish(
-            ("allinone.classify", (p,), {"chain": self.reply, "argsrepr": p["message_id"], "kwargsrepr": "{}"})
-            for p in payloads
         )
 
 
@@ -560,16 +549,18 @@ class BulkJob:
                 self.tally.bad_timestamps += 1
             entries.append(json.dumps({"l": row.line, "i": row.input_id, "m": mid, "t": row.ts}) + "\n")
         if todo:
-            if self.sentiment_only:
+            # Sentiment is batched in both modes (with replies, the worker sends each reply after the batch).
+            if self.sentiment_only or not self.fields.conversation:
                 # Length bucketing across the chunk: each batch then holds texts of similar length, so the
                 # worker's forward passes waste little on padding (results are still written in input order).
-                length = {m: len(r.text) for (_, m), r in zip(ids, good, strict=False)}
+                # Not for conversations: their turns are best labelled and answered in input order (a reply
+                # waits for the turns before it).
+                length = {m: len(r.text) for (_, m), r in zip(ids, good, strict=True)}
                 todo.sort(key=lambda p: length[p["message_id"]])
-                self.sender.send_batches(
-                    [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
-                )
-            else:
-                self.sender.send_chains(todo)
+            self.sender.send_batches(
+                [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)],
+                reply=not self.sentiment_only,
+            )
             self.store.mark_enqueued_many([p["message_id"] for p in todo])
         for b in sorted(bad, key=lambda b: b.line):
             errors.write(json.dumps(b.record(), ensure_ascii=False) + "\n")

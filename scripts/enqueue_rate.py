@@ -4,8 +4,8 @@
 
 Times the enqueue side of a bulk job as the command runs it: read and validate the file, store the turns
 (pipelined), publish the tasks on a queue of its own that no worker reads, mark them enqueued. Both modes:
-``--sentiment-only`` (one classify_batch task per 32 rows) and with replies (one chain per row). Everything it
-wrote (its own key prefix, its own queue) is deleted afterwards.
+``--sentiment-only`` (one classify_batch task per 32 rows) and with replies (the same batches, asking the worker
+to send each reply). Everything it wrote (its own key prefix, its own queue) is deleted afterwards.
 
 Memory: runs the real command (``python -m producer bulk``) as a child on a ``--rss-rows`` JSONL file, once with
 ``--no-wait`` (read, store, enqueue), then, after marking every turn done the way a worker would, again to collect
@@ -133,7 +133,7 @@ def main() -> None:
         write_input(path, a.rows)
         for sentiment_only in (True, False):
             rate = measure(a.redis_url, path, a.rows, sentiment_only, a.batch_size)
-            mode = "sentiment only (classify_batch)" if sentiment_only else "with replies (one chain per row)"
+            mode = "sentiment only (classify_batch)" if sentiment_only else "with replies (classify_batch, reply=True)"
             print(f"{mode:34s} {a.rows:>8,} rows  {rate:>9,.0f} rows/s")
     if a.rss_rows:
         enqueue_mb, collect_mb = measure_rss(a.redis_url, a.rss_rows)

@@ -22,20 +22,34 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.evaluate import expected_calibration_error  # noqa: E402
-from worker.head import SentimentHead  # noqa: E402
+from worker.head import SentimentHead, layer_of  # noqa: E402
 
 
-def variants(d: np.lib.npyio.NpzFile) -> dict[str, np.ndarray]:
-    lg = d["label_logits"]
-    out = {
-        "logits (Platt)": lg,
-        "hidden": d["hidden"],
-        "hidden+logits": np.c_[d["hidden"], lg],
-        "hidden+mean": np.c_[d["hidden"], d["mean"]],
-    }
-    for i, layer in enumerate(d["layers"]):
-        out[f"layer {layer}"] = d["mid"][:, i]
-        out[f"layer {layer}+hidden+logits"] = np.c_[d["mid"][:, i], d["hidden"], lg]
+def matrix(d: np.lib.npyio.NpzFile, features: tuple[str, ...]) -> np.ndarray:
+    """The head's input for ``features`` (worker.head names) from a features file."""
+    cols = []
+    layers = [int(x) for x in d["layers"]]
+    for f in features:
+        if f == "hidden":
+            cols.append(d["hidden"])
+        elif f == "logits":
+            cols.append(d["label_logits"])
+        else:
+            cols.append(d["mid"][:, layers.index(layer_of(f))].astype(np.float32))
+    return np.concatenate(cols, axis=1)
+
+
+def variants(d: np.lib.npyio.NpzFile) -> dict[str, tuple[str, ...]]:
+    layers = [int(x) for x in d["layers"]][:-1]  # the last is the final state, "hidden"
+    out: dict[str, tuple[str, ...]] = {"logits (Platt)": ("logits",), "hidden+logits": ("hidden", "logits")}
+    for n in layers:
+        out[f"layer{n}"] = (f"layer{n}",)
+        out[f"layer{n}+hidden+logits"] = (f"layer{n}", "hidden", "logits")
+    if len(layers) > 8:  # a features file with every layer: try sets of middle and upper layers together
+        top = len(layers) + 1
+        for picks in ((top // 2, 2 * top // 3, 5 * top // 6), (top // 3, top // 2, 2 * top // 3, 5 * top // 6)):
+            out["+".join(f"layer{n}" for n in picks) + "+hidden+logits"] = (
+                *(f"layer{n}" for n in picks), "hidden", "logits")
     return out
 
 
@@ -55,6 +69,7 @@ def main() -> None:
     ap.add_argument("--train", action="append", required=True)
     ap.add_argument("--eval", action="append", required=True, help="name=features.npz")
     ap.add_argument("--only", help="comma-separated variant names")
+    ap.add_argument("--c", type=float, help="a fixed C for every variant (fast); default: cross-validated")
     a = ap.parse_args()
     trains = [np.load(p) for p in a.train]
     evals = {k: np.load(v) for k, v in (e.split("=", 1) for e in a.eval)}
@@ -73,12 +88,14 @@ def main() -> None:
     names = list(variants(trains[0]))
     if a.only:
         names = [n for n in names if n in a.only.split(",")]
+    hidden_size = int(trains[0]["hidden"].shape[1])
     for name in names:
-        xtr = np.concatenate([variants(t)[name] for t in trains])
-        head = SentimentHead.fit(torch.tensor(xtr), torch.tensor(ytr), hidden_size=0, features=())
+        features = variants(trains[0])[name]
+        xtr = np.concatenate([matrix(t, features) for t in trains])
+        head = SentimentHead.fit(torch.tensor(xtr), torch.tensor(ytr), hidden_size, features, c=a.c)
         row = {"variant": name, "c": head.meta["c"]}
         for k, d in evals.items():
-            p = torch.sigmoid(head.logit(torch.tensor(variants(d)[name]))).numpy()
+            p = torch.sigmoid(head.logit(torch.tensor(matrix(d, features)))).numpy()
             row[k] = metrics(p, d["labels"].astype(int))
         rows.append(row)
         print(json.dumps(row), flush=True)

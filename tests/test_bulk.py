@@ -32,7 +32,7 @@ class FakeSender:
     def __init__(self, store=None, worker: bool = False) -> None:
         self.store, self.worker = store, worker
         self.batches: list[list[str]] = []
-        self.chains: list[str] = []
+        self.reply: list[bool] = []  # per batch: whether the worker is to send replies after it
 
     def _work(self, mids: list[str], reply: bool) -> None:
         if not self.worker:
@@ -45,18 +45,15 @@ class FakeSender:
             self.store.mark_classified(mid, Sentiment(label=label, confidence=0.9), "fake")
             self.store.mark_done(mid, f"re: {turn.text}" if reply else "", "fake")
 
-    def send_batches(self, batches):
+    def send_batches(self, batches, reply=False):
         self.batches += [[p["message_id"] for p in b] for b in batches]
+        self.reply += [reply] * len(batches)
         for b in batches:
-            self._work([p["message_id"] for p in b], reply=False)
-
-    def send_chains(self, payloads):
-        self.chains += [p["message_id"] for p in payloads]
-        self._work([p["message_id"] for p in payloads], reply=True)
+            self._work([p["message_id"] for p in b], reply=reply)
 
     @property
     def sent(self) -> list[str]:
-        return [m for b in self.batches for m in b] + self.chains
+        return [m for b in self.batches for m in b]
 
 
 def run_cli(tmp_path: Path, args: list[str], store, sender, capsys=None) -> tuple[int, dict]:
@@ -207,9 +204,28 @@ def test_sentiment_only_sends_one_batch_per_batch_size_rows_on_the_bulk_queue(tm
     code, summary = run_cli(tmp_path, [str(src), "--out", str(tmp_path / "r.jsonl"), "--sentiment-only",
                                        "--batch-size", "4", "--no-wait"], store, sender, capsys)
     assert code == 0 and summary["enqueued"] == 10
-    assert [len(b) for b in sender.batches] == [4, 4, 2] and not sender.chains
+    assert [len(b) for b in sender.batches] == [4, 4, 2] and sender.reply == [False] * 3
     turns = store.get_turns(sender.sent)
     assert all(t.queue == "bulk" and t.enqueued_at for t in turns)
+
+
+def test_with_replies_rows_are_batched_too_and_the_worker_is_asked_to_reply(tmp_path, store, capsys):
+    # Given rows of different lengths, each its own conversation
+    texts = ["a much longer row than the others", "short", "a medium row", "tiny", "mid-size row"]
+    src = write(tmp_path, "in.jsonl", [json.dumps({"id": i, "text": t}) for i, t in enumerate(texts)])
+    sender = FakeSender()
+    code, summary = run_cli(tmp_path, [str(src), "--out", str(tmp_path / "r.jsonl"), "--batch-size", "2",
+                                       "--no-wait"], store, sender, capsys)
+    # Then they go in classify_batch tasks that ask for replies, shortest first (less padding per batch)
+    assert code == 0 and summary["enqueued"] == 5 and sender.reply == [True] * 3
+    assert [[store.get_turn(m).text for m in b] for b in sender.batches] == [
+        ["tiny", "short"], ["a medium row", "mid-size row"], ["a much longer row than the others"]]
+    # but a conversation's turns keep their input order
+    rows = [json.dumps({"id": i, "text": t, "c": "conv"}) for i, t in enumerate(texts)]
+    sender = FakeSender()
+    run_cli(tmp_path, [str(write(tmp_path, "conv.jsonl", rows)), "--out", str(tmp_path / "c.jsonl"),
+                       "--conversation-field", "c", "--batch-size", "2", "--no-wait"], store, sender, capsys)
+    assert [store.get_turn(m).text for b in sender.batches for m in b] == texts
 
 
 def test_a_rerun_skips_done_rows_and_re_enqueues_unfinished_ones(tmp_path, store, capsys):

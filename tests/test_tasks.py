@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from worker import runtime, tasks
-from worker.schemas import Status
+from worker.schemas import Sentiment, Status
 from worker.store import MemoryStore
 
 
@@ -64,6 +64,42 @@ def test_batch_task_skips_bad_payloads_and_labels_the_rest(store):
     assert out == {"m0": "classified", "m1": "classified", "m2": "classified"}
     assert all(store.get_turn(f"m{i}").status is Status.done for i in range(3))
     assert len(store.dead_letters()) == 1
+
+
+def test_batch_task_with_replies_sends_one_reply_per_classified_turn_on_its_queue(store, monkeypatch):
+    from worker import flows
+
+    sent = []
+    monkeypatch.setattr(flows, "send_replies", lambda app, payloads, queue: sent.append((payloads, queue)))
+    for i in range(3):
+        store.create_turn(f"c{i}", f"m{i}", f"message {i}" if i != 1 else "   ")  # m1: no text, fails
+    store.mark_classified("m2", Sentiment(label="positive", confidence=0.9), "earlier delivery")
+    batch = [{"message_id": f"m{i}", "conversation_id": f"c{i}"} for i in range(3)]
+    out = tasks.classify_batch.apply(args=[batch], kwargs={"reply": True}).get()
+    assert out == {"m0": "classified", "m1": "failed", "m2": "skipped"}
+    # m0 classified now, m2 by an earlier delivery whose replies may be lost: both get a reply task; m1 not
+    ((payloads, queue),) = sent
+    assert [p.message_id for p in payloads] == ["m0", "m2"] and queue == "bulk"
+    assert store.get_turn("m0").status is Status.classified and store.get_turn("m1").status is Status.failed
+
+
+def test_a_batch_that_fails_fails_every_unfinished_turn_of_it(store, monkeypatch):
+    from worker import pipeline
+    from worker.errors import PermanentError
+
+    for i in range(3):
+        store.create_turn(f"c{i}", f"m{i}", f"message {i}")
+    store.mark_classified("m2", Sentiment(label="positive", confidence=0.9), "m")
+    store.mark_done("m2", "", "m")
+
+    def broken(*_a, **_k):
+        raise PermanentError("the model cannot read this batch")
+
+    monkeypatch.setattr(pipeline, "classify_turns", broken)
+    batch = [{"message_id": f"m{i}", "conversation_id": f"c{i}"} for i in range(3)]
+    assert tasks.classify_batch.apply(args=[batch]).state == "IGNORED"
+    assert [store.get_turn(f"m{i}").status for i in range(3)] == [Status.failed, Status.failed, Status.done]
+    assert store.get_turn("m1").error == "the model cannot read this batch"
 
 
 def test_waiting_for_order_is_not_limited_by_celerys_default_of_three_retries():

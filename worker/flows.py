@@ -25,6 +25,16 @@ def send_turn(app: Celery, message_id: str, conversation_id: str, queue: str) ->
     ).apply_async()
 
 
+def send_replies(app: Celery, payloads: list[TaskPayload], queue: str) -> None:
+    """One ``allinone.reply`` per payload on ``queue``, on one producer connection (a bulk batch's replies)."""
+    if not payloads:
+        return
+    with app.producer_or_acquire() as producer:
+        for p in payloads:
+            app.send_task("allinone.reply", args=(p.model_dump(),), queue=queue, producer=producer,
+                          argsrepr=p.message_id, kwargsrepr="{}")
+
+
 def sweep_stale(
     store: ResultsStore, app: Celery, stale_after_seconds: float, default_queue: str, limit: int = 100
 ) -> list[str]:

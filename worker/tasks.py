@@ -1,7 +1,8 @@
 """The Celery tasks: thin. Validate the payload, call the pipeline (engine + store), decide retry or give up.
 
 A message's life: ``allinone.classify`` -> (Celery chain) -> ``allinone.reply``; bulk jobs send
-``allinone.classify_batch`` with many message ids, sentiment only. Payloads are plain JSON:
+``allinone.classify_batch`` with many message ids (one batched forward pass), which with ``reply=True`` then sends
+one ``allinone.reply`` per message on the queue it came from. Payloads are plain JSON:
 ``{"message_id": str, "conversation_id": str}``; the text is in the results store.
 
 Errors:
@@ -21,10 +22,10 @@ from typing import Any
 from celery import Task, signals
 from celery.exceptions import Ignore, Retry
 
-from worker import pipeline, runtime
+from worker import flows, pipeline, runtime
 from worker.app import app
 from worker.errors import NotReady, PermanentError, TransientError, UnknownMessage
-from worker.schemas import TaskPayload, parse_payload
+from worker.schemas import Status, TaskPayload, parse_payload
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -65,29 +66,35 @@ def _guarded(task: Task, raw: Any, step: Callable[[TaskPayload], Any]) -> Any:
         store.dead_letter({"task": task.name, "payload": raw}, str(e))
         raise Ignore() from None
     runtime.count_task()
+    return _run(task, payload.message_id, lambda: step(payload),
+                lambda reason: _record_failure(store, payload, raw, task.name, reason))
+
+
+def _run(task: Task, what: str, step: Callable[[], Any], fail: Callable[[str], None]) -> Any:
+    """Run a task's step; decide retry or give up. ``fail(reason)`` records a failure that will not be retried."""
     try:
-        return step(payload)
+        return step()
     except NotReady as e:
         # Waiting for an earlier turn is not a failure: poll again soon (bounded by ALLINONE_ORDER_WAIT_SECONDS).
-        log.info("%s %s: %s", task.name, payload.message_id, e)
+        log.info("%s %s: %s", task.name, what, e)
         # Backoff 0.5 s doubling to 5 s: quick when the earlier turn is about to finish, little churn when not.
         # (max_retries=None here means "the task's own", which is None: unbounded; the order wait bounds it.)
         raise task.retry(countdown=min(5.0, 0.5 * 2**task.request.retries), max_retries=None, exc=e) from None
     except TransientError as e:
-        log.warning("%s %s: transient error, retry %d: %s", task.name, payload.message_id, task.request.retries, e)
+        log.warning("%s %s: transient error, retry %d: %s", task.name, what, task.request.retries, e)
         raise task.retry(countdown=_backoff(task.request.retries), max_retries=TRANSIENT_RETRIES, exc=e) from None
     except PermanentError as e:
-        log.error("%s %s: failed: %s", task.name, payload.message_id, e)
-        _record_failure(store, payload, raw, task.name, str(e))
+        log.error("%s %s: failed: %s", task.name, what, e)
+        fail(str(e))
         raise Ignore() from None
     except (Ignore, Retry):
         raise
     except Exception as e:
         if task.request.retries < UNEXPECTED_RETRIES:
-            log.exception("%s %s: unexpected error, will retry", task.name, payload.message_id)
+            log.exception("%s %s: unexpected error, will retry", task.name, what)
             raise task.retry(countdown=_backoff(task.request.retries), max_retries=UNEXPECTED_RETRIES, exc=e) from None
-        log.exception("%s %s: unexpected error, giving up", task.name, payload.message_id)
-        _record_failure(store, payload, raw, task.name, f"internal error: {type(e).__name__}: {e}")
+        log.exception("%s %s: unexpected error, giving up", task.name, what)
+        fail(f"internal error: {type(e).__name__}: {e}")
         raise Ignore() from None
 
 
@@ -124,29 +131,45 @@ def reply(self: Task, payload: dict[str, Any]) -> None:
 
 
 @app.task(name="allinone.classify_batch", bind=True, base=AllInOneTask, max_retries=None)
-def classify_batch(self: Task, payloads: list[dict[str, Any]]) -> dict[str, str]:
-    """Sentiment only, for many messages in batched forward passes (bulk jobs). Turns end ``done``, no reply."""
+def classify_batch(self: Task, payloads: list[dict[str, Any]], reply: bool = False) -> dict[str, str]:
+    """Sentiment of many messages in batched forward passes (bulk jobs).
+
+    ``reply=False``: the turns end ``done`` with no reply. ``reply=True``: one ``allinone.reply`` per classified
+    turn is sent on the queue this batch came from, so a live message still waits for one task at most."""
     store = runtime.store()
     if not isinstance(payloads, list):
         store.dead_letter({"task": self.name, "payload": payloads}, "classify_batch takes a list of payloads")
         raise Ignore()
-    good: list[str] = []
+    good: list[TaskPayload] = []
     for raw in payloads:
         try:
-            good.append(parse_payload(raw).message_id)
+            good.append(parse_payload(raw))
         except PermanentError as e:
             store.dead_letter({"task": self.name, "payload": raw}, str(e))
-
-    def step(_: TaskPayload) -> dict[str, str]:
-        s = get_settings()
-        outcome = pipeline.classify_turns(runtime.engine(), store, good, s.max_message_chars)
-        pipeline.finish_sentiment_only(store, good, runtime.engine().model_id)
-        return outcome
-
     if not good:
         raise Ignore()
-    # The guard needs one payload to name in its logs; the batch's first stands for it.
-    return _guarded(self, {"message_id": good[0], "conversation_id": "(batch)"}, step)
+    runtime.count_task()
+    mids = [p.message_id for p in good]
+
+    def step() -> dict[str, str]:
+        engine = runtime.engine()
+        outcome = pipeline.classify_turns(engine, store, mids, get_settings().max_message_chars)
+        if not reply:
+            pipeline.finish_sentiment_only(store, mids, engine.model_id)
+            return outcome
+        # Classified now or by an earlier delivery of this batch (whose replies may not all have been sent):
+        # a reply sent twice finds the turn done the second time and does nothing.
+        waiting = {t.message_id for t in store.get_turns(mids) if t is not None and t.status is Status.classified}
+        queue = (self.request.delivery_info or {}).get("routing_key") or get_settings().bulk_queue
+        flows.send_replies(self.app, [p for p in good if p.message_id in waiting], queue)
+        return outcome
+
+    def fail(reason: str) -> None:
+        # Every turn of the batch that is not finished fails with the reason, not only the first.
+        for p in good:
+            _record_failure(store, p, p.model_dump(), self.name, reason)
+
+    return _run(self, f"[{len(mids)} messages from {mids[0]}]", step, fail)
 
 
 # ----------------------------------------------------------------------------------------------- lifecycle
