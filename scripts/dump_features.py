@@ -35,6 +35,7 @@ def features(engine: Engine, texts: list[str], layers: list[int], bs: int = 16) 
         "hidden": np.zeros((n, h), np.float32),
         "mean": np.zeros((n, h), np.float32),
         "mid": np.zeros((n, len(layers), h), np.float32),
+        "midmean": np.zeros((n, len(layers), h), np.float32),
     }
     plen = len(engine._prefix_ids)
     for start in range(0, n, bs):
@@ -48,10 +49,12 @@ def features(engine: Engine, texts: list[str], layers: list[int], bs: int = 16) 
         own = mask[:, plen:].unsqueeze(-1).float()
         mean = (o.last_hidden_state.float() * own).sum(1) / own.sum(1)
         mid = torch.stack([o.hidden_states[L][ar, last].float() for L in layers], 1)
+        midmean = torch.stack([(o.hidden_states[L].float() * own).sum(1) / own.sum(1) for L in layers], 1)
         out["label_logits"][idx] = engine._label_logits(hid).numpy()
         out["hidden"][idx] = hid.numpy()
         out["mean"][idx] = mean.numpy()
         out["mid"][idx] = mid.numpy()
+        out["midmean"][idx] = midmean.numpy()
     return out
 
 
@@ -85,6 +88,7 @@ def main() -> None:
     y = np.array([1 if e.label == "positive" else 0 for e in ex], np.int8)
     if a.all_layers:
         f["mid"] = f["mid"].astype(np.float16)
+        f["midmean"] = f["midmean"].astype(np.float16)
     np.savez(a.out, labels=y, layers=np.array(layers), texts=np.array(texts), **f)
     acc = float(((f["label_logits"][:, 0] > f["label_logits"][:, 1]) == y).mean())
     print(json.dumps({"out": a.out, "n": len(y), "seconds": round(dt, 1), "prompt_accuracy": round(acc, 4),
