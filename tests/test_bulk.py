@@ -220,6 +220,15 @@ def test_with_replies_rows_are_batched_too_and_the_worker_is_asked_to_reply(tmp_
     assert code == 0 and summary["enqueued"] == 5 and sender.reply == [True] * 3
     assert [[store.get_turn(m).text for m in b] for b in sender.batches] == [
         ["tiny", "short"], ["a medium row", "mid-size row"], ["a much longer row than the others"]]
+    # Length is counted in UTF-8 bytes, which follow the token count across scripts: 14 CJK characters (about 10
+    # tokens) go after 19 Latin ones (about 4 tokens), not before them
+    mixed = ["服务很好，房间干净，早餐丰富。", "nice room and staff", "ok fine"]
+    src = write(tmp_path, "mixed.jsonl", [json.dumps({"id": i, "text": t}, ensure_ascii=False)
+                                          for i, t in enumerate(mixed)])
+    sender = FakeSender()
+    run_cli(tmp_path, [str(src), "--out", str(tmp_path / "m.jsonl"), "--batch-size", "3", "--no-wait"], store,
+            sender, capsys)
+    assert [store.get_turn(m).text for m in sender.batches[0]] == ["ok fine", "nice room and staff", mixed[0]]
     # but a conversation's turns keep their input order
     rows = [json.dumps({"id": i, "text": t, "c": "conv"}) for i, t in enumerate(texts)]
     sender = FakeSender()
