@@ -146,3 +146,20 @@ def test_a_reply_cannot_run_past_its_wall_clock_bound(tiny_engine):
     finally:
         tiny_engine.settings = saved
     assert r.timed_out and 0 < r.new_tokens < 5000
+
+
+def test_batches_are_cut_where_lengths_jump_and_never_exceed_the_batch_size():
+    from worker.engine import plan_batches
+
+    # equal lengths: as few batches as the size allows
+    assert sorted(b - a for a, b in plan_batches([10] * 5, 4, overhead=32)) == [1, 4]
+    # a jump: 4 short and 4 long messages are two batches (4*10 + 4*100 + 2*32 < 8*100 + 32)
+    assert plan_batches([10, 10, 11, 12, 100, 100, 101, 101], 8, overhead=32) == [(0, 4), (4, 8)]
+    # a small jump is not worth another forward pass (8*13 + 32 < 4*10 + 4*13 + 2*32)
+    assert plan_batches([10, 10, 10, 10, 13, 13, 13, 13], 8, overhead=32) == [(0, 8)]
+    assert plan_batches([], 8) == [] and plan_batches([5], 8) == [(0, 1)]
+    # every message in exactly one batch, in order, none over the size
+    lengths = sorted((i * 37) % 120 + 5 for i in range(200))
+    plan = plan_batches(lengths, 16)
+    assert [a for a, _ in plan] == [0] + [b for _, b in plan][:-1] and plan[-1][1] == 200
+    assert all(0 < b - a <= 16 for a, b in plan)

@@ -76,6 +76,33 @@ class Reply:
     timed_out: bool = False
 
 
+# What one more forward pass costs beyond its tokens (cache copy, per-layer call overhead), in padded tokens.
+BATCH_OVERHEAD_TOKENS = 32
+
+
+def plan_batches(lengths: list[int], max_batch: int, overhead: int = BATCH_OVERHEAD_TOKENS) -> list[tuple[int, int]]:
+    """Cut a list of token lengths, sorted ascending, into batches of at most ``max_batch``: ``[(start, end)]``.
+
+    A batch computes ``size x longest`` token positions (padding included). The cuts minimise the sum of that over
+    the batches plus ``overhead`` per batch (dynamic programming, O(n x max_batch)): a batch whose lengths jump
+    (a bulk task's 32 messages, sorted by bytes by the producer, can hold 40 tokens and 120) is split where they
+    jump, and a run of similar lengths stays one full batch."""
+    n = len(lengths)
+    best = [0] + [0] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        best[j] = 2**62
+        for i in range(max(0, j - max_batch), j):
+            cost = best[i] + (j - i) * lengths[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], n
+    while j > 0:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]
+
+
 def rss_bytes() -> int:
     try:
         import psutil
@@ -413,13 +440,14 @@ class Engine:
             if not 1 <= n <= self.num_layers:
                 raise ValueError(f"layer {n} is not a layer of this model (1..{self.num_layers})")
         encoded = [self.message_ids(t) for t in texts]
-        # Length bucketing: sorting by length keeps padding (wasted compute) small inside each batch.
+        # Length bucketing: sorting by length keeps padding (wasted compute) small inside each batch, and the
+        # cuts between batches are placed where lengths jump (plan_batches).
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         logits = torch.empty(len(texts), 2)
         hidden = torch.empty(len(texts), self.hidden_size)
         inner = {n: torch.empty(len(texts), self.hidden_size) for n in layers}
-        for start in range(0, len(order), bs):
-            idx = order[start : start + bs]
+        for start, end in plan_batches([len(encoded[i]) for i in order], bs):
+            idx = order[start:end]
             lg, hd, states = self._score_batch([encoded[i] for i in idx], layers)
             logits[idx] = lg
             hidden[idx] = hd
