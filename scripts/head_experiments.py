@@ -34,6 +34,8 @@ def matrix(d: np.lib.npyio.NpzFile, features: tuple[str, ...]) -> np.ndarray:
             cols.append(d["hidden"])
         elif f == "logits":
             cols.append(d["label_logits"])
+        elif f.startswith("mean"):  # experiments only: layer N averaged over the message's tokens
+            cols.append(d["midmean"][:, layers.index(int(f[4:]))].astype(np.float32))
         else:
             cols.append(d["mid"][:, layers.index(layer_of(f))].astype(np.float32))
     return np.concatenate(cols, axis=1)
@@ -45,6 +47,10 @@ def variants(d: np.lib.npyio.NpzFile) -> dict[str, tuple[str, ...]]:
     for n in layers:
         out[f"layer{n}"] = (f"layer{n}",)
         out[f"layer{n}+hidden+logits"] = (f"layer{n}", "hidden", "logits")
+    if "midmean" in d.files:
+        for n in layers:
+            out[f"mean{n}"] = (f"mean{n}",)
+            out[f"mean{n}+hidden+logits"] = (f"mean{n}", "hidden", "logits")
     if len(layers) > 8:  # a features file with every layer: try sets of middle and upper layers together
         top = len(layers) + 1
         for picks in ((top // 2, 2 * top // 3, 5 * top // 6), (top // 3, top // 2, 2 * top // 3, 5 * top // 6)):
@@ -92,7 +98,9 @@ def main() -> None:
     for name in names:
         features = variants(trains[0])[name]
         xtr = np.concatenate([matrix(t, features) for t in trains])
-        head = SentimentHead.fit(torch.tensor(xtr), torch.tensor(ytr), hidden_size, features, c=a.c)
+        # (a mean-pooled layer has a layer's width: named as that layer for the head's shape checks)
+        shape = tuple("layer" + f[4:] if f.startswith("mean") else f for f in features)
+        head = SentimentHead.fit(torch.tensor(xtr), torch.tensor(ytr), hidden_size, shape, c=a.c)
         row = {"variant": name, "c": head.meta["c"]}
         for k, d in evals.items():
             p = torch.sigmoid(head.logit(torch.tensor(matrix(d, features)))).numpy()

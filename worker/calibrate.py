@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in a.train:
         ex = read_examples(path)
         examples += balanced_subset(ex, a.limit, seed=a.seed) if a.limit else ex
-    features = tuple(f.strip() for f in a.features.split(",") if f.strip())
+    features = check_features(tuple(f.strip() for f in a.features.split(",") if f.strip()))  # before the model loads
     settings = Settings(**({"model": a.model} if a.model else {}), sentiment_head=None)
     engine = Engine(settings)
     engine.load()
