@@ -16,7 +16,7 @@ import torch
 
 from worker import bench
 from worker.engine import Engine
-from worker.settings import Settings
+from worker.settings import Settings, cpu_has_native_bf16
 
 # Mixed languages and lengths: one token to past the token budget, so sorted batches still pad heavily.
 MIXED = [
@@ -114,7 +114,8 @@ def test_int8_path_loads_and_classifies(tiny_model_dir, tmp_path):
     torch.testing.assert_close(fast, plain, atol=0.05, rtol=0)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and cpu_has_native_bf16()),
+                    reason="oneDNN packs bf16 weights only on a CPU with AVX512-BF16 or AMX (load() checks the same)")
 def test_packed_bf16_linear_computes_what_linear_computes():
     from worker.engine import PackedLinear
 
@@ -128,7 +129,8 @@ def test_packed_bf16_linear_computes_what_linear_computes():
     assert packed.weight is linear.weight  # tied embeddings and the label rows still find it
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and cpu_has_native_bf16()),
+                    reason="oneDNN packs bf16 weights only on a CPU with AVX512-BF16 or AMX (load() checks the same)")
 def test_packed_bf16_model_keeps_fast_and_plain_scores_together(tiny_model_dir, tmp_path):
     from worker.engine import pack_bf16_linears
 
