@@ -25,8 +25,6 @@ import torch
 
 from worker.errors import PermanentError
 
-FEATURES = ("hidden", "logits", "layerN")
-
 
 class HeadError(PermanentError):
     """A sentiment head file is missing, malformed, or does not fit the loaded model."""
