@@ -529,11 +529,11 @@ class BulkJob:
         bad = [r for r in chunk if isinstance(r, BadRow)]
         ids = [(conversation_id(self.job, r), message_id(self.job, r)) for r in good]
         created = self.store.create_turns(
-            [(c, m, r.text) for (c, m), r in zip(ids, good, strict=False)], queue=self.bulk_queue
+            [(c, m, r.text) for (c, m), r in zip(ids, good, strict=True)], queue=self.bulk_queue
         )
         todo: list[dict[str, str]] = []
         entries: list[str] = []
-        for row, (conv, mid), res in zip(good, ids, created, strict=False):
+        for row, (conv, mid), res in zip(good, ids, created, strict=True):
             if isinstance(res, MessageIdConflict):
                 bad.append(BadRow(row.line, f"{res} (another row with the same id, or another job named "
                                             f"{self.job!r}: give this one its own --job)", row.input_id))
@@ -612,7 +612,7 @@ class BulkJob:
                 progressed = False
                 for i in range(0, len(waiting), 1000):
                     part = waiting[i : i + 1000]
-                    for e, s in zip(part, self.store.get_statuses([e["m"] for e in part]), strict=False):
+                    for e, s in zip(part, self.store.get_statuses([e["m"] for e in part]), strict=True):
                         if s is None or s.terminal:
                             e["s"] = s.value if s else "missing"
                             self.tally.finished += 1
@@ -647,7 +647,7 @@ class BulkJob:
 
     def _write(self, writer: ResultsWriter, entries: list[dict[str, Any]]) -> None:
         turns = self.store.get_turns([e["m"] for e in entries])
-        for e, turn in zip(entries, turns, strict=False):
+        for e, turn in zip(entries, turns, strict=True):
             rec: dict[str, Any] = {
                 "line": e["l"], "id": e["i"], "text": None, "label": None, "confidence": None, "reply": None,
                 "status": e["s"], "error": None, "message_id": e["m"], "conversation_id": None, "ts": e["t"],
@@ -726,7 +726,7 @@ def plot_summary(tally: Tally, path: Path, title: str) -> None:
     total = pos + neg
     shares = [pos / total, neg / total] if total else [0, 0]
     bars = ax.bar(["positive", "negative"], shares, color=["#3a923a", "#c03d3e"])
-    for b, n, s in zip(bars, (pos, neg), shares, strict=False):
+    for b, n, s in zip(bars, (pos, neg), shares, strict=True):
         ax.text(b.get_x() + b.get_width() / 2, s + 0.01, f"{s:.0%}\n({n:,})", ha="center", va="bottom", fontsize=9)
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("share of rows")
@@ -746,10 +746,9 @@ def plot_summary(tally: Tally, path: Path, title: str) -> None:
         middle = [datetime.fromtimestamp(x + width / 2, tz=timezone.utc) for x in xs]
         p = [merged[x]["positive"] for x in xs]
         n = [merged[x]["negative"] for x in xs]
-        share = [a / (a + b) if a + b else float("nan") for a, b in zip(p, n, strict=False)]
-        ax2.bar(when, [a + b for a, b in zip(p, n, strict=False)], width=width / 86400 * 0.9, color="#cccccc",
-                align="edge",
-                label="rows")
+        share = [a / (a + b) if a + b else float("nan") for a, b in zip(p, n, strict=True)]
+        rows = [a + b for a, b in zip(p, n, strict=True)]
+        ax2.bar(when, rows, width=width / 86400 * 0.9, color="#cccccc", align="edge", label="rows")
         ax2.set_ylabel("rows per bucket")
         ax3 = ax2.twinx()
         ax3.plot(middle, share, "o-", color="#3a923a", label="positive share")

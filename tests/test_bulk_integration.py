@@ -100,7 +100,7 @@ def test_csv_file_with_replies_and_conversations(stack, tmp_path):
                                                                  ("7", "5", "done")]
     assert all(r["label"] in ("positive", "negative") for r in rows)
     turns = store.get_turns([r["message_id"] for r in rows])
-    assert all(isinstance(t.reply, str) and t.reply == r["reply"] for t, r in zip(turns, rows, strict=False))
+    assert all(isinstance(t.reply, str) and t.reply == r["reply"] for t, r in zip(turns, rows, strict=True))
     errors = jsonl(tmp_path / "chat.csv.out.errors.jsonl")
     assert [(e["line"], e["reason"]) for e in errors] == [
         (3, "text is empty"), (6, "expected 3 fields (as the header), got 4")]

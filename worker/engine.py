@@ -88,7 +88,7 @@ def plan_batches(lengths: list[int], max_batch: int, overhead: int = BATCH_OVERH
     (a bulk task's 32 messages, sorted by bytes by the producer, can hold 40 tokens and 120) is split where they
     jump, and a run of similar lengths stays one full batch."""
     n = len(lengths)
-    best = [0] + [0] * n
+    best = [0] * (n + 1)
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
         best[j] = 2**62
@@ -509,7 +509,7 @@ class Engine:
         return Scores(
             label_logits=logits[list(self._label_ids)].unsqueeze(0),
             hidden=out.hidden_states[-1][0, -1:].float(),
-            layers={k: out.hidden_states[k][0, -1:].float() for k in range(1, self.num_layers)},
+            layers={k: out.hidden_states[k][0, -1:].float() for k in range(1, self.num_layers + 1)},
         )
 
     def classify(self, texts: list[str], batch_size: int | None = None) -> list[Sentiment]:

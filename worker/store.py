@@ -423,11 +423,11 @@ return 1
                 )
             replies = pipe.execute()
         out: list[tuple[Turn, bool] | MessageIdConflict] = []
-        for turn, (created, value) in zip(fresh, replies, strict=False):
+        for turn, (created, value) in zip(fresh, replies, strict=True):
             if created:
                 out.append((turn.model_copy(update={"seq": int(value)}), True))
                 continue
-            old = _turn_from_fields(dict(zip(value[::2], value[1::2], strict=False)))
+            old = _turn_from_fields(dict(zip(value[::2], value[1::2], strict=True)))
             try:
                 _check_same(old, turn.conversation_id, turn.text)
                 out.append((old, False))
