@@ -14,6 +14,7 @@ Why each reliability setting is what it is (see README, "Guarantees"):
 
 from kombu import Exchange, Queue
 
+from worker.contract import CLASSIFY_BATCH
 from worker.settings import get_settings
 
 _s = get_settings()
@@ -68,5 +69,5 @@ task_queues = (
 )
 task_default_exchange = _s.live_queue
 task_default_routing_key = _s.live_queue
-task_routes = {"allinone.classify_batch": {"queue": _s.bulk_queue}}
+task_routes = {CLASSIFY_BATCH: {"queue": _s.bulk_queue}}
 task_create_missing_queues = True

@@ -15,8 +15,8 @@ from typing import Any
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from worker.contract import send_turn
 from worker.errors import StoreUnavailable, TurnFailed, WaitTimeout
-from worker.flows import send_turn
 from worker.schemas import Conversation, Status, Turn, new_message_id, validate_id, validate_text
 from worker.settings import Settings, get_settings
 from worker.store import ResultsStore, store_from_settings

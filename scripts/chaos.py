@@ -15,51 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from helpers import RedisServer, WorkerProcess, free_port, redis_server_binary, worker_env  # noqa: E402
-from producer.client import Producer  # noqa: E402
-from worker.errors import StoreUnavailable  # noqa: E402
-from worker.schemas import Status  # noqa: E402
-from worker.settings import Settings  # noqa: E402
-
-
-class DurableRedis(RedisServer):
-    """redis-server with appendfsync always in its own folder: a restart keeps every acknowledged write."""
-
-    def __init__(self, folder: Path) -> None:
-        super().__init__(port=free_port())
-        self.folder = folder
-
-    def start(self) -> DurableRedis:
-        self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis(port=self.port).ping():
-                    return self
-            except redis.exceptions.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: Redis flushes the AOF and exits
-            self.proc.wait(20)
+from producer.client import Producer
+from worker.errors import StoreUnavailable
+from worker.schemas import Status
+from worker.settings import Settings
+from worker.testing import RedisServer, WorkerProcess, build_tiny_model, worker_env
 
 
 def main() -> int:
@@ -79,10 +45,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="allinone-chaos-"))
     model = a.model
     if model is None:
-        from tiny_model import build_tiny_model
-
         model = str(build_tiny_model(tmp / "tiny"))
-    server = DurableRedis(tmp).start()
+    # appendfsync always: a restart keeps every acknowledged write, as a production broker should
+    server = RedisServer(durable_dir=tmp).start()
     env = worker_env(server.url, model, tmp / "cache", ALLINONE_VISIBILITY_TIMEOUT_SECONDS=str(a.visibility),
                      ALLINONE_THREADS="2",
                      # room for a whole conversation, so every reply's context must be exactly the turns before it

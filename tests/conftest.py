@@ -1,17 +1,15 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-sys.path.insert(0, str(Path(__file__).parent))
+from worker.testing import RedisServer, WorkerProcess, build_tiny_model, redis_answers, worker_env
 
-from helpers import TEST_DB, RedisServer, WorkerProcess, redis_answers, worker_env  # noqa: E402
-from tiny_model import build_tiny_model  # noqa: E402
+TEST_DB = 13  # the machine's Redis keeps db 0 for people; tests own this one and flush it
 
 # Tests never read the user's environment by accident, and never reach for the hub.
 for _k in [k for k in os.environ if k.startswith("ALLINONE_")]:

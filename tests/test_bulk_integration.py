@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from helpers import ROOT
 from producer.client import Producer
 from worker.schemas import Status
 from worker.settings import Settings
 from worker.store import RedisStore
+from worker.testing import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def stack(tiny_worker, redis_base_url):
 
 
 def bulk(env, *args, stdin=None, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "producer", "bulk", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "producer", "bulk", *map(str, args)], cwd=PROJECT_ROOT, env=env,
                           capture_output=True, text=True, input=stdin, timeout=timeout)
 
 
@@ -129,7 +129,7 @@ def test_a_killed_run_resumes_to_exactly_one_result_per_good_row(stack, tmp_path
     out = tmp_path / "r.jsonl"
     # Given a run fed through stdin that is killed (SIGKILL, no clean-up) after its first chunks were enqueued
     proc = subprocess.Popen([sys.executable, "-m", "producer", "bulk", "-", "--out", str(out), "--job", job,
-                             "--sentiment-only", "--batch-size", "4", "--chunk-rows", "10"], cwd=ROOT, env=env,
+                             "--sentiment-only", "--batch-size", "4", "--chunk-rows", "10"], cwd=PROJECT_ROOT, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdin is not None
     proc.stdin.write("\n".join(lines[:35]) + "\n")
@@ -166,7 +166,7 @@ def test_an_interrupted_wait_resumes_without_enqueuing_again(stack, tmp_path):
     out = tmp_path / "w.jsonl.out.jsonl"
     # Given a run stopped with Ctrl-C while it waits for results
     proc = subprocess.Popen([sys.executable, "-m", "producer", "bulk", str(src), "--out", str(out),
-                             "--sentiment-only"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             "--sentiment-only"], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     r = redis.Redis.from_url(env["ALLINONE_REDIS_URL"])
     deadline = time.monotonic() + 60

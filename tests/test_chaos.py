@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from worker.testing import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +17,7 @@ def test_chaos_run_loses_nothing_and_duplicates_nothing():
     out = subprocess.run(
         [sys.executable, "scripts/chaos.py", "--messages", "60", "--conversations", "6", "--kills", "3",
          "--redis-restarts", "1", "--visibility", "5", "--rate", "20", "--timeout", "300"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
     )
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["kills"] == 3 and report["redis_restarts"] == 1

@@ -15,8 +15,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from helpers import ROOT
 from worker.settings import Settings
+from worker.testing import PROJECT_ROOT
 
 TORCH_VERSION = "2.13.0"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -24,7 +24,7 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def services(compose) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def dockerfile() -> list[tuple[str, str]]:
-    return instructions((ROOT / "Dockerfile").read_text())
+    return instructions((PROJECT_ROOT / "Dockerfile").read_text())
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -224,7 +224,7 @@ def test_flower_and_the_producer_start_only_in_a_profile(services):
 
 def test_every_allinone_variable_is_a_setting(compose, dockerfile):
     names = allinone_variables(
-        (ROOT / "docker-compose.yml").read_text(), compose, (ROOT / "Dockerfile").read_text()
+        (PROJECT_ROOT / "docker-compose.yml").read_text(), compose, (PROJECT_ROOT / "Dockerfile").read_text()
     )
     assert "ALLINONE_MODEL" in names and "ALLINONE_REDIS_URL" in names
     assert unknown_settings(names) == set()
@@ -274,7 +274,7 @@ def test_dockerfile_installs_torch_pinned_from_the_cpu_index_first(dockerfile):
 
 def test_the_worker_extra_pins_the_same_torch():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["worker"]
+    extra = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["worker"]
     assert [d for d in extra if re.match(r"^torch(?![a-z])", d)] == [f"torch=={TORCH_VERSION}"]
 
 
@@ -296,7 +296,7 @@ def test_a_dockerfile_with_a_risky_torch_is_caught(text, problem):
 
 
 def test_dockerignore_keeps_local_state_out_of_the_context():
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    ignored = {line.strip() for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines()}
     assert {".venv", ".git", ".env", ".pytest_cache", "*.egg-info"} <= ignored
     for needed in ("pyproject.toml", "worker", "producer", "celeryconfig.py", "README.md"):
         assert needed not in ignored

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-from helpers import ROOT
 from worker.settings import Settings, markdown_table
+from worker.testing import PROJECT_ROOT
 
-README = (ROOT / "README.md").read_text()
+README = (PROJECT_ROOT / "README.md").read_text()
 
 
 def test_readme_lists_every_setting_as_the_code_describes_it():
@@ -19,11 +19,11 @@ def test_readme_first_screen_has_the_two_commands_and_they_exist():
     first_screen = "\n".join(README.splitlines()[:12])
     commands = re.findall(r"^bash (scripts/\S+)", first_screen, flags=re.M)
     assert commands == ["scripts/demo.sh", "scripts/test.sh"]
-    assert all((ROOT / c).is_file() for c in commands)
+    assert all((PROJECT_ROOT / c).is_file() for c in commands)
 
 
 def test_ci_runs_the_readme_test_command():
-    assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in (PROJECT_ROOT / ".ci" / "run").read_text()
 
 
 def test_every_setting_has_an_env_name_in_the_readme():

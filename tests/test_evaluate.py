@@ -202,15 +202,15 @@ def test_smollm2_on_100_balanced_english_dev_messages_stays_above_its_floor(caps
     """
     from pathlib import Path
 
-    from helpers import ROOT, smollm2_path
+    from worker.testing import PROJECT_ROOT, smollm2_path
 
     gguf = smollm2_path()
-    data = ROOT.parent / "shared" / "data" / "sentiment-en.dev.jsonl"
+    data = PROJECT_ROOT.parent / "shared" / "data" / "sentiment-en.dev.jsonl"
     if gguf is None or not data.is_file():
         pytest.skip("SmolLM2 GGUF or the shared sentiment data not available")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ALLINONE_DTYPE", "float32")
-        assert ev.main(["--data", str(data), "--limit", "100", "--model", gguf, "--json", "--no-baseline"]) == 0
+        assert ev.main(["--data", str(data), "--limit", "100", "--model", str(gguf), "--json", "--no-baseline"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["n"] == 100 and Path(r["model"]).name == Path(gguf).name
     assert r["accuracy"] >= SMOLLM2_ACCURACY_FLOOR and r["auc"] >= SMOLLM2_AUC_FLOOR, r

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from worker.engine import Engine
-from worker.head import HeadError, SentimentHead, feature_matrix
+from worker.engine.head import SentimentHead, feature_matrix
+from worker.errors import HeadError
 
 # A synthetic task the tiny (random) model separates in its hidden state: the two "labels" are two disjoint
 # vocabularies, so the last-token states of the two groups differ systematically.

@@ -13,9 +13,9 @@ import fakeredis
 import pytest
 import redis
 
-from helpers import ROOT, free_port
 from worker.health import EXIT_CODES, check, main, on_host
 from worker.store import MemoryStore, RedisStore
+from worker.testing import PROJECT_ROOT, free_port
 
 MODEL = "Qwen/Qwen1.5-0.5B-Chat"
 HEARTBEAT = {"model": MODEL, "pid": 4242, "tasks": 3, "started_at": 1.0, "load": {"seconds": 9}}
@@ -132,7 +132,7 @@ def test_check_reports_redis_down_instead_of_raising():
 def _run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker.health", *args],
-        cwd=ROOT,
+        cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,
         text=True,

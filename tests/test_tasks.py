@@ -67,10 +67,10 @@ def test_batch_task_skips_bad_payloads_and_labels_the_rest(store):
 
 
 def test_batch_task_with_replies_sends_one_reply_per_classified_turn_on_its_queue(store, monkeypatch):
-    from worker import flows
+    from worker import contract
 
     sent = []
-    monkeypatch.setattr(flows, "send_replies", lambda app, payloads, queue: sent.append((payloads, queue)))
+    monkeypatch.setattr(contract, "send_replies", lambda app, payloads, queue: sent.append((payloads, queue)))
     for i in range(3):
         store.create_turn(f"c{i}", f"m{i}", f"message {i}" if i != 1 else "   ")  # m1: no text, fails
     store.mark_classified("m2", Sentiment(label="positive", confidence=0.9), "earlier delivery")
@@ -84,7 +84,7 @@ def test_batch_task_with_replies_sends_one_reply_per_classified_turn_on_its_queu
 
 
 def test_a_batch_that_fails_fails_every_unfinished_turn_of_it(store, monkeypatch):
-    from worker import pipeline
+    from worker import steps
     from worker.errors import PermanentError
 
     for i in range(3):
@@ -95,7 +95,7 @@ def test_a_batch_that_fails_fails_every_unfinished_turn_of_it(store, monkeypatch
     def broken(*_a, **_k):
         raise PermanentError("the model cannot read this batch")
 
-    monkeypatch.setattr(pipeline, "classify_turns", broken)
+    monkeypatch.setattr(steps, "classify_turns", broken)
     batch = [{"message_id": f"m{i}", "conversation_id": f"c{i}"} for i in range(3)]
     assert tasks.classify_batch.apply(args=[batch]).state == "IGNORED"
     assert [store.get_turn(f"m{i}").status for i in range(3)] == [Status.failed, Status.failed, Status.done]

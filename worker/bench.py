@@ -247,6 +247,7 @@ def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int =
     import torch
 
     from worker.engine import Engine
+    from worker.schemas import Sentiment
 
     torch.set_num_threads(settings.threads)
     bandwidth = measure_bandwidth()
@@ -296,7 +297,7 @@ def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int =
     plain_p = torch.cat([p.p_positive for p in plain])
     plain_logits = torch.cat([p.label_logits for p in plain])
     fast_labels = [s.label for s in bulk]
-    plain_labels = ["positive" if p >= 0.5 else "negative" for p in plain_p.tolist()]
+    plain_labels = [Sentiment.from_p_positive(p).label for p in plain_p.tolist()]
     single_labels = [s.label for s in single]
     # Only where no sentiment head is configured do the labels come from the prompt scores compared here.
     agreement = {

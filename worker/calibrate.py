@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from worker import prompts
+from worker.engine.head import SentimentHead, check_features, feature_layers, feature_matrix
 from worker.evaluate import POS, Example, balanced_subset, read_examples
-from worker.head import SentimentHead, check_features, feature_layers, feature_matrix
 
 
 def prompt_fingerprint(few_shot: Any = None) -> str:

@@ -53,6 +53,9 @@ class ModelLoadError(PermanentError):
     """The model or its tokenizer could not be loaded from the configured place."""
 
 
+class HeadError(ModelLoadError):
+    """A sentiment head file is missing, malformed, or does not fit the loaded model."""
+
 
 class WaitTimeout(AllInOneError, TimeoutError):
     """``Producer.wait`` gave up before the turn finished."""

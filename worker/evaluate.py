@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.prompts import LABELS
+from worker.schemas import Sentiment
 
 POS, NEG = LABELS  # "positive", "negative": the order of every row and column below
 _LABEL_ALIASES = {
@@ -237,8 +238,8 @@ def run(
     if engine.head is not None:
         # The same forward pass read without the head: what the prompt alone gives.
         p = engine.prompt_p_positive(scores).tolist()
-        pred = [POS if q >= 0.5 else NEG for q in p]
-        report["prompt"] = summarize(y_true, pred, [max(q, 1 - q) for q in p])
+        prompt = [Sentiment.from_p_positive(q) for q in p]
+        report["prompt"] = summarize(y_true, [x.label for x in prompt], [x.confidence for x in prompt])
         report["prompt"]["auc"] = roc_auc(p, y_true)
     if train is not None:
         t1 = time.perf_counter()

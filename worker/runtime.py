@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+from worker import recovery
 from worker.settings import Settings, get_settings, redact_url
 from worker.store import ResultsStore, store_from_settings
 
@@ -45,21 +46,11 @@ def start(name: str | None = None, settings: Settings | None = None) -> None:
     threading.Thread(target=_beat, name="allinone-heartbeat", daemon=True).start()
 
 
-def sweep_interval() -> float:
-    """How often the stale sweep runs: often enough to notice within half the staleness bound, at most 15 s."""
-    return max(1.0, min(15.0, get_settings().stale_after_seconds / 2))
-
-
 def _sweep() -> None:
-    """Re-enqueue turns whose task was lost; one worker at a time (a lock that expires)."""
-    s = get_settings()
-    if not s.stale_after_seconds or _store is None:
-        return
-    if _store.try_lock("sweep", ttl_seconds=max(1, int(sweep_interval()))):
-        from worker.app import app
-        from worker.flows import sweep_stale
+    from worker.app import app
 
-        sweep_stale(_store, app, s.stale_after_seconds, s.live_queue)
+    if _store is not None:
+        recovery.sweep(_store, app, get_settings())
 
 
 def _beat() -> None:
@@ -67,7 +58,7 @@ def _beat() -> None:
     # heartbeat must keep saying "alive, model loaded" through a long reply.
     last_sweep = 0.0
     while not _stop.is_set():
-        if time.monotonic() - last_sweep >= sweep_interval():
+        if time.monotonic() - last_sweep >= recovery.sweep_interval(get_settings()):
             last_sweep = time.monotonic()
             try:
                 _sweep()

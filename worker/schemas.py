@@ -44,6 +44,13 @@ class Sentiment(BaseModel):
     confidence: float = Field(ge=0.0, le=1.0)
     method: str = Field("prompt", description="What produced the label: prompt, prompt+head, ...")
 
+    @classmethod
+    def from_p_positive(cls, p_positive: float, method: str = "prompt") -> Sentiment:
+        """The label of a probability of "positive": positive from 0.5 up, with the larger of p and 1 - p."""
+        p = float(p_positive)
+        label: Label = "positive" if p >= 0.5 else "negative"
+        return cls(label=label, confidence=round(max(p, 1 - p), 6), method=method)
+
 
 class Turn(BaseModel):
     """One user message and what the worker made of it. Stored as a Redis hash (see ``worker.store``)."""

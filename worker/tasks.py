@@ -1,4 +1,4 @@
-"""The Celery tasks: thin. Validate the payload, call the pipeline (engine + store), decide retry or give up.
+"""The Celery tasks: thin. Validate the payload, call a step (worker.steps: engine + store), decide retry or give up.
 
 A message's life: ``allinone.classify`` -> (Celery chain) -> ``allinone.reply``; bulk jobs send
 ``allinone.classify_batch`` with many message ids (one batched forward pass), which with ``reply=True`` then sends
@@ -22,7 +22,7 @@ from typing import Any
 from celery import Task, signals
 from celery.exceptions import Ignore, Retry
 
-from worker import flows, pipeline, runtime
+from worker import contract, runtime, steps
 from worker.app import app
 from worker.errors import NotReady, PermanentError, TransientError, UnknownMessage
 from worker.schemas import Status, TaskPayload, parse_payload
@@ -107,30 +107,30 @@ def _record_failure(store: Any, payload: TaskPayload, raw: Any, task: str, reaso
         store.dead_letter({"task": task, "payload": raw}, reason)
 
 
-@app.task(name="allinone.classify", bind=True, base=AllInOneTask, max_retries=None)
+@app.task(name=contract.CLASSIFY, bind=True, base=AllInOneTask, max_retries=None)
 def classify(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Sentiment of one message; returns the payload, which the chain hands to ``allinone.reply``."""
 
     def step(p: TaskPayload) -> dict[str, Any]:
         store = runtime.store()
         store.bump_attempts(p.message_id)
-        pipeline.classify_turn(runtime.engine(), store, p.message_id, get_settings().max_message_chars)
+        steps.classify_turn(runtime.engine(), store, p.message_id, get_settings().max_message_chars)
         return p.model_dump()
 
     return _guarded(self, payload, step)
 
 
-@app.task(name="allinone.reply", bind=True, base=AllInOneTask, max_retries=None)
+@app.task(name=contract.REPLY, bind=True, base=AllInOneTask, max_retries=None)
 def reply(self: Task, payload: dict[str, Any]) -> None:
     """The chat reply of one message, seeing the conversation's earlier turns."""
 
     def step(p: TaskPayload) -> None:
-        pipeline.reply_turn(runtime.engine(), runtime.store(), p.message_id, get_settings().order_wait_seconds)
+        steps.reply_turn(runtime.engine(), runtime.store(), p.message_id, get_settings().order_wait_seconds)
 
     _guarded(self, payload, step)
 
 
-@app.task(name="allinone.classify_batch", bind=True, base=AllInOneTask, max_retries=None)
+@app.task(name=contract.CLASSIFY_BATCH, bind=True, base=AllInOneTask, max_retries=None)
 def classify_batch(self: Task, payloads: list[dict[str, Any]], reply: bool = False) -> dict[str, str]:
     """Sentiment of many messages in batched forward passes (bulk jobs).
 
@@ -153,15 +153,15 @@ def classify_batch(self: Task, payloads: list[dict[str, Any]], reply: bool = Fal
 
     def step() -> dict[str, str]:
         engine = runtime.engine()
-        outcome = pipeline.classify_turns(engine, store, mids, get_settings().max_message_chars)
+        outcome = steps.classify_turns(engine, store, mids, get_settings().max_message_chars)
         if not reply:
-            pipeline.finish_sentiment_only(store, mids, engine.model_id)
+            steps.finish_sentiment_only(store, mids, engine.model_id)
             return outcome
         # Classified now or by an earlier delivery of this batch (whose replies may not all have been sent):
         # a reply sent twice finds the turn done the second time and does nothing.
         waiting = {t.message_id for t in store.get_turns(mids) if t is not None and t.status is Status.classified}
         queue = (self.request.delivery_info or {}).get("routing_key") or get_settings().bulk_queue
-        flows.send_replies(self.app, [p for p in good if p.message_id in waiting], queue)
+        contract.send_replies(self.app, [p for p in good if p.message_id in waiting], queue)
         return outcome
 
     def fail(reason: str) -> None:

@@ -345,24 +345,15 @@ class CelerySender:
             "retry_on_timeout": False,
         }
 
-    def _publish(self, sends: Iterable[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> None:
+    def send_batches(self, batches: list[list[dict[str, str]]], reply: bool = False) -> None:
         from kombu.exceptions import OperationalError
 
+        from worker.contract import send_batches
+
         try:
-            with self.app.producer_or_acquire() as producer, producer.batch(max_size=2 * CHUNK_ROWS):
-                for name, args, options in sends:
-                    self.app.send_task(name, args=args, queue=self.queue, producer=producer, **options)
+            send_batches(self.app, batches, self.queue, reply=reply, max_batch=2 * CHUNK_ROWS)
         except (OperationalError, OSError) as e:
             raise StoreUnavailable(f"the broker did not take the bulk tasks (run the command again): {e}") from e
-
-    def send_batches(self, batches: list[list[dict[str, str]]], reply: bool = False) -> None:
-        # reply only when asked: a message without the keyword argument is what workers before it understood
-        kwargs = {"reply": True} if reply else {}
-        self._publish(
-            ("allinone.classify_batch", (b,),
-             {"kwargs": kwargs, "argsrepr": f"[{len(b)} payloads]", "kwargsrepr": repr(kwargs)})
-            for b in batches
-        )
 
 
 # ------------------------------------------------------------------------------------------------- output

@@ -23,11 +23,7 @@ from typing import Any
 
 import torch
 
-from worker.errors import PermanentError
-
-
-class HeadError(PermanentError):
-    """A sentiment head file is missing, malformed, or does not fit the loaded model."""
+from worker.errors import HeadError
 
 
 def layer_of(name: str) -> int | None:

@@ -275,7 +275,7 @@ class Engine:
             log.info("packed %d bf16 Linear layers for oneDNN", pack_bf16_linears(self.model))
         self._prepare()
         if s.sentiment_head is not None:
-            from worker.head import SentimentHead
+            from worker.engine.head import SentimentHead
 
             self.head = SentimentHead.load(s.sentiment_head)
             self.head.check_model(self.hidden_size, self.num_layers)
@@ -530,11 +530,7 @@ class Engine:
         else:
             p_pos = self.prompt_p_positive(scores)
             method = "prompt"
-        out = []
-        for p in p_pos.tolist():
-            label = "positive" if p >= 0.5 else "negative"
-            out.append(Sentiment(label=label, confidence=round(max(p, 1 - p), 6), method=method))
-        return out
+        return [Sentiment.from_p_positive(p, method) for p in p_pos.tolist()]
 
     # ------------------------------------------------------------------------------------------- replies
     def count_tokens(self, text: str) -> int:

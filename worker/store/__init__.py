@@ -57,13 +57,13 @@ class ResultsStore(Protocol):
 
     def mark_enqueued(self, message_id: str) -> None: ...
 
-    def touch(self, message_id: str) -> None:
+    def mark_working(self, message_id: str) -> None:
         """Record that a task is working on this turn (keeps it out of the stale sweep)."""
         ...
 
-    def unpend(self, message_id: str) -> None: ...
+    def drop_pending(self, message_id: str) -> None: ...
 
-    def stale(self, older_than_seconds: float, limit: int = 100) -> list[str]: ...
+    def stale_turns(self, older_than_seconds: float, limit: int = 100) -> list[str]: ...
 
     def try_lock(self, name: str, ttl_seconds: int) -> bool: ...
 
@@ -139,17 +139,17 @@ class _TurnWrites:
     """The status transitions of a turn, written the same way by both stores.
 
     Each store supplies ``_update`` (atomic: writes only when the turn's status is one of ``only_from``) and the
-    pending index (``touch``/``unpend``). Transitions only go forward, and the first writer wins: a duplicate task
-    racing the original can never turn ``done`` back into ``classified`` or replace a stored reply.
+    pending index (``mark_working``/``drop_pending``). Transitions only go forward, and the first writer wins: a
+    duplicate task racing the original can never turn ``done`` back into ``classified`` or replace a stored reply.
     """
 
     def _update(self, message_id: str, fields: dict[str, str], only_from: frozenset[str] | None = None) -> bool:
         raise NotImplementedError
 
-    def touch(self, message_id: str) -> None:
+    def mark_working(self, message_id: str) -> None:
         raise NotImplementedError
 
-    def unpend(self, message_id: str) -> None:
+    def drop_pending(self, message_id: str) -> None:
         raise NotImplementedError
 
     def mark_enqueued(self, message_id: str) -> None:
@@ -163,20 +163,20 @@ class _TurnWrites:
             "classified_at": str(time.time()),
         }
         written = self._update(message_id, fields, only_from=frozenset({Status.queued.value}))
-        self.touch(message_id)
+        self.mark_working(message_id)
         return written
 
     def mark_done(
         self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
     ) -> bool:
         written = self._update(message_id, _done_fields(reply, model, error, context), only_from=_OPEN)
-        self.unpend(message_id)
+        self.drop_pending(message_id)
         return written
 
     def mark_failed(self, message_id: str, reason: str) -> bool:
         fields = {"status": Status.failed.value, "error": reason, "done_at": str(time.time())}
         written = self._update(message_id, fields, only_from=_OPEN)
-        self.unpend(message_id)
+        self.drop_pending(message_id)
         return written
 
 
@@ -287,16 +287,16 @@ class RedisStore(_TurnWrites):
     def pending_key(self) -> str:
         return f"{self.prefix}:pending"
 
-    def touch(self, message_id: str) -> None:
+    def mark_working(self, message_id: str) -> None:
         """A task is working on this turn now (XX: only turns already in the pending index)."""
         with self._guard():
             self.r.zadd(self.pending_key, {message_id: time.time()}, xx=True)
 
-    def unpend(self, message_id: str) -> None:
+    def drop_pending(self, message_id: str) -> None:
         with self._guard():
             self.r.zrem(self.pending_key, message_id)
 
-    def stale(self, older_than_seconds: float, limit: int = 100) -> list[str]:
+    def stale_turns(self, older_than_seconds: float, limit: int = 100) -> list[str]:
         """Unfinished turns that no task has touched for ``older_than_seconds``, oldest first."""
         with self._guard():
             return list(
@@ -484,7 +484,7 @@ class MemoryStore(_TurnWrites):
             return False
         return True
 
-    def _touch(self, conversation_id: str, message_id: str) -> None:
+    def _refresh_expiry(self, conversation_id: str, message_id: str) -> None:
         now = self.clock()
         self._expiry["c:" + conversation_id] = now + self.ttl
         self._expiry["t:" + message_id] = now + self.ttl
@@ -502,7 +502,7 @@ class MemoryStore(_TurnWrites):
             turn = Turn(message_id=message_id, conversation_id=conversation_id, seq=len(ids), text=text, queue=queue)
             ids.append(message_id)
             self._turns[message_id] = _turn_to_fields(turn)
-            self._touch(conversation_id, message_id)
+            self._refresh_expiry(conversation_id, message_id)
             self._pending[message_id] = time.time()
             return turn, True
 
@@ -513,19 +513,19 @@ class MemoryStore(_TurnWrites):
             if only_from is not None and self._turns[message_id].get("status") not in only_from:
                 return False
             self._turns[message_id].update(fields)
-            self._touch(self._turns[message_id]["conversation_id"], message_id)
+            self._refresh_expiry(self._turns[message_id]["conversation_id"], message_id)
             return True
 
-    def touch(self, message_id: str) -> None:
+    def mark_working(self, message_id: str) -> None:
         with self._lock:
             if message_id in self._pending:
                 self._pending[message_id] = time.time()
 
-    def unpend(self, message_id: str) -> None:
+    def drop_pending(self, message_id: str) -> None:
         with self._lock:
             self._pending.pop(message_id, None)
 
-    def stale(self, older_than_seconds: float, limit: int = 100) -> list[str]:
+    def stale_turns(self, older_than_seconds: float, limit: int = 100) -> list[str]:
         cutoff = time.time() - older_than_seconds
         with self._lock:
             return [m for m, t in sorted(self._pending.items(), key=lambda kv: kv[1]) if t <= cutoff][:limit]

@@ -1,4 +1,4 @@
-"""Sending a turn's work, and the sweep that re-sends turns whose task was lost."""
+"""The sweep that re-sends turns whose task was lost."""
 
 from __future__ import annotations
 
@@ -8,23 +8,17 @@ import pytest
 from celery import Celery
 from test_producer import queued
 
-from worker.flows import send_turn, sweep_stale
+from worker.recovery import sweep_stale
 from worker.schemas import Sentiment
 from worker.store import MemoryStore
 
 
 @pytest.fixture()
 def app():
-    a = Celery("test-flows", broker="memory://")
+    a = Celery("test-recovery", broker="memory://")
     a.conf.task_serializer = "json"
+    queued(a, "live")  # the in-memory broker is shared by the whole process: start from an empty queue
     return a
-
-
-def test_send_turn_chains_sentiment_then_reply(app):
-    send_turn(app, "m1", "c1", "bulk")
-    (msg,) = queued(app, "bulk")
-    assert msg["task"] == "allinone.classify" and msg["args"] == [{"message_id": "m1", "conversation_id": "c1"}]
-    assert [c["task"] for c in msg["callbacks"]] == ["allinone.reply"]
 
 
 def test_sweep_resends_only_unfinished_turns_nobody_touched(app):

@@ -1,4 +1,6 @@
-"""What each task does, as plain functions over an engine and a store (no Celery here: unit-testable as is).
+"""The steps of a turn: what each task does, as plain functions over an engine and a store.
+
+No Celery here, so each step is unit-testable as it is; ``worker.tasks`` wraps them.
 
 Every step is idempotent by message id: a redelivered or duplicated task finds the turn already classified or
 done and does nothing, so a conversation never shows a turn, a label or a reply twice.
@@ -18,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class EngineLike(Protocol):
-    """What the pipeline needs of the engine (the real one, or a test double in pipeline-only tests)."""
+    """What the steps need of the engine (the real one, or a test double in step-only tests)."""
 
     model_id: str
 
@@ -33,7 +35,7 @@ def classify_turn(engine: EngineLike, store: ResultsStore, message_id: str, max_
     if turn.status is not Status.queued:
         log.info("classify %s: already %s, skipped", message_id, turn.status.value)
         return turn
-    store.touch(message_id)
+    store.mark_working(message_id)
     try:
         validate_text(turn.text, max_chars)
     except InvalidMessage as e:
@@ -94,7 +96,7 @@ def history_for(store: ResultsStore, turn: Turn, order_wait_seconds: float, now:
     # of a conversation (a bulk backlog) must not count as "the earlier turn is lost".
     ready_since = turn.classified_at or turn.created_at
     if pending and now - ready_since < order_wait_seconds:
-        store.touch(turn.message_id)  # waiting, not lost: keep it out of the stale sweep
+        store.mark_working(turn.message_id)  # waiting, not lost: keep it out of the stale sweep
         raise NotReady(
             f"turn {turn.seq} of {turn.conversation_id!r} waits for earlier turn(s) "
             f"{[t.seq for t in pending]} to finish"
@@ -109,7 +111,7 @@ def reply_turn(engine: EngineLike, store: ResultsStore, message_id: str, order_w
         log.info("reply %s: already %s, skipped", message_id, turn.status.value)
         return turn
     history = history_for(store, turn, order_wait_seconds)
-    store.touch(message_id)
+    store.mark_working(message_id)
     reply = engine.reply([(t.text, t.reply or "") for t in history], turn.text)
     # The engine keeps the most recent turns that fit the history budget: those are the prompt's context.
     kept = history[len(history) - reply.history_turns :] if reply.history_turns else []

@@ -1,0 +1,55 @@
+"""The contract between producers and workers: the task names, what their messages carry, and how a turn's work is
+put on a queue. The producer, the bulk command and the worker's own recovery all send through these functions.
+
+Only Celery primitives (``chain`` of ``Signature``s by task name), so sending never imports the tasks (or torch).
+A message carries a :class:`~worker.schemas.TaskPayload` as plain JSON (``{"message_id", "conversation_id"}``);
+the text stays in the results store. Queue names are settings (``ALLINONE_LIVE_QUEUE``, ``ALLINONE_BULK_QUEUE``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from celery import Celery
+from celery.canvas import Signature, chain
+
+from worker.schemas import TaskPayload
+
+# The task names: what a producer sends and what a worker registers (worker.tasks).
+CLASSIFY = "allinone.classify"  # sentiment of one turn; chained to REPLY
+REPLY = "allinone.reply"  # the chat reply of one turn, seeing the turns before it
+CLASSIFY_BATCH = "allinone.classify_batch"  # sentiment of many turns in batched forward passes (bulk jobs)
+TASKS = (CLASSIFY, REPLY, CLASSIFY_BATCH)
+
+
+def send_turn(app: Celery, message_id: str, conversation_id: str, queue: str) -> None:
+    """Sentiment, then (chained: sent by the worker when the first succeeds) the reply, on ``queue``."""
+    payload = TaskPayload(message_id=message_id, conversation_id=conversation_id).model_dump()
+    chain(
+        Signature(CLASSIFY, args=(payload,), app=app, queue=queue),
+        Signature(REPLY, app=app, queue=queue),
+    ).apply_async()
+
+
+def send_replies(app: Celery, payloads: Sequence[TaskPayload], queue: str) -> None:
+    """One ``REPLY`` per payload on ``queue``, on one producer connection (a bulk batch's replies)."""
+    if not payloads:
+        return
+    with app.producer_or_acquire() as producer:
+        for p in payloads:
+            app.send_task(REPLY, args=(p.model_dump(),), queue=queue, producer=producer,
+                          argsrepr=p.message_id, kwargsrepr="{}")
+
+
+def send_batches(app: Celery, batches: Iterable[list[dict[str, Any]]], queue: str, reply: bool = False,
+                 max_batch: int = 2000) -> None:
+    """One ``CLASSIFY_BATCH`` per list of payloads, all in one Redis pipeline (kombu's publish batch).
+
+    With ``reply`` the worker sends each classified turn's ``REPLY`` itself. The keyword argument is only sent
+    when true: a message without it is what workers before it understood."""
+    kwargs = {"reply": True} if reply else {}
+    with app.producer_or_acquire() as producer, producer.batch(max_size=max_batch):
+        for b in batches:
+            app.send_task(CLASSIFY_BATCH, args=(b,), kwargs=kwargs, queue=queue, producer=producer,
+                          argsrepr=f"[{len(b)} payloads]", kwargsrepr=repr(kwargs))
