@@ -30,7 +30,7 @@ import redis  # noqa: E402
 
 from producer.bulk import BulkJob, CelerySender, Fields, read_jsonl  # noqa: E402
 from worker.settings import Settings  # noqa: E402
-from worker.store import RedisStore  # noqa: E402
+from worker.store import Keys, RedisStore  # noqa: E402
 
 WORDS = "the room was clean and the staff friendly but breakfast was cold and the wifi slow".split()
 
@@ -63,7 +63,7 @@ def measure(url: str, path: Path, rows: int, sentiment_only: bool, batch_size: i
             assert job.tally.enqueued == rows and queued >= expect, (job.tally, queued)
         finally:
             pipe = client.pipeline(transaction=False)
-            for pattern in (f"{s.key_prefix}:*", f"_kombu.binding*.{s.bulk_queue}"):
+            for pattern in (store.keys.everything, f"_kombu.binding*.{s.bulk_queue}"):
                 for key in client.scan_iter(pattern, count=5000):
                     pipe.unlink(key)
             pipe.unlink(s.bulk_queue)
@@ -75,7 +75,7 @@ def _mark_all_done(client: redis.Redis, prefix: str) -> int:
     """What a worker would leave on each turn of a sentiment-only job: done, with a label."""
     n = 0
     pipe = client.pipeline(transaction=False)
-    for key in client.scan_iter(f"{prefix}:turn:*", count=5000):
+    for key in client.scan_iter(Keys(prefix).turn.match, count=5000):
         n += 1
         label = "positive" if n % 3 else "negative"
         pipe.hset(key, mapping={"status": "done", "reply": "", "model": "simulated",
@@ -113,7 +113,7 @@ def measure_rss(url: str, rows: int) -> tuple[int, int]:
                 peaks.append(usage.ru_maxrss // 1024)  # KB on Linux
         finally:
             pipe = client.pipeline(transaction=False)
-            for pattern in (f"{prefix}:*", f"_kombu.binding*.{prefix}"):
+            for pattern in (Keys(prefix).everything, f"_kombu.binding*.{prefix}"):
                 for key in client.scan_iter(pattern, count=5000):
                     pipe.unlink(key)
             pipe.unlink(prefix)
