@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,7 +98,7 @@ class Engine:
         )
         return r
 
-    def _load_head(self, path: Any) -> SentimentHead:
+    def _load_head(self, path: str | Path) -> SentimentHead:
         head = SentimentHead.load(path)
         try:
             head.check_model(

@@ -22,11 +22,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from worker.errors import HeadError
+
+if TYPE_CHECKING:
+    from worker.engine.identity import ModelIdentity
 
 FIX = "train a head for this model with python -m worker.train_head, or unset ALLINONE_SENTIMENT_HEAD"
 
@@ -95,14 +98,15 @@ class SentimentHead:
         return feature_layers(self.features)
 
     # ---------------------------------------------------------------------------------------- inference
-    def check_model(self, *, identity: Any, prompt: str, hidden_size: int, num_layers: int) -> None:
+    def check_model(self, *, identity: ModelIdentity, prompt: str, hidden_size: int, num_layers: int) -> None:
         """Refuse a head trained on another model (``identity``: the loaded model's ``ModelIdentity``), under
         another sentiment prompt (``prompt``: its fingerprint), or for another shape, saying what to do."""
         trained_on = self.meta.get("model")
         if not (isinstance(trained_on, dict) and trained_on.get("fingerprint")):
+            was = f", naming {trained_on!r}" if trained_on else ""
             raise HeadError(
-                f"the sentiment head records no model identity (an older head format; trained on {trained_on!r}): "
-                f"retrain it for {identity.name} with python -m worker.train_head, or unset ALLINONE_SENTIMENT_HEAD"
+                f"the sentiment head records no model identity (an older head format{was}): retrain it for "
+                f"{identity.name} with python -m worker.train_head, or unset ALLINONE_SENTIMENT_HEAD"
             )
         name = trained_on.get("name", "an unnamed model")
         if trained_on["fingerprint"] != identity.fingerprint:
