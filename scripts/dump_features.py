@@ -37,20 +37,20 @@ def features(engine: Engine, texts: list[str], layers: list[int], bs: int = 16) 
         "mid": np.zeros((n, len(layers), h), np.float32),
         "midmean": np.zeros((n, len(layers), h), np.float32),
     }
-    plen = len(engine._prefix_ids)
+    pipe = engine.sentiment
+    plen = len(pipe.prefix_ids)
     for start in range(0, n, bs):
         idx = order[start : start + bs]
-        batch = [enc[i] for i in idx]
-        m = len(batch)
-        o, mask = engine.forward_on_prefix(batch, output_hidden_states=True)
-        last = torch.tensor([len(b) - 1 for b in batch])
-        ar = torch.arange(m)
+        batch = pipe.batch([enc[i] for i in idx], idx)
+        o = pipe.run_on_prefix(batch, output_hidden_states=True)
+        last, mask = batch.last, batch.attention_mask
+        ar = torch.arange(len(idx))
         hid = o.last_hidden_state[ar, last].float()
         own = mask[:, plen:].unsqueeze(-1).float()
         mean = (o.last_hidden_state.float() * own).sum(1) / own.sum(1)
         mid = torch.stack([o.hidden_states[L][ar, last].float() for L in layers], 1)
         midmean = torch.stack([(o.hidden_states[L].float() * own).sum(1) / own.sum(1) for L in layers], 1)
-        out["label_logits"][idx] = engine._label_logits(hid).numpy()
+        out["label_logits"][idx] = pipe.postprocess(hid).numpy()
         out["hidden"][idx] = hid.numpy()
         out["mean"][idx] = mean.numpy()
         out["mid"][idx] = mid.numpy()
@@ -92,7 +92,7 @@ def main() -> None:
     np.savez(a.out, labels=y, layers=np.array(layers), texts=np.array(texts), **f)
     acc = float(((f["label_logits"][:, 0] > f["label_logits"][:, 1]) == y).mean())
     print(json.dumps({"out": a.out, "n": len(y), "seconds": round(dt, 1), "prompt_accuracy": round(acc, 4),
-                      "prefix_tokens": len(engine._prefix_ids), "dtype": engine.report.dtype}))
+                      "prefix_tokens": engine.report.prefix_tokens, "dtype": engine.report.dtype}))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from worker.engine import Engine  # noqa: E402
+from worker.engine.sentiment import SentimentPipeline  # noqa: E402
 from worker.evaluate import balanced_subset, read_examples  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
@@ -52,9 +53,9 @@ def main() -> None:
     t0 = time.perf_counter()
     for i, e in enumerate(dev):
         nn = np.argsort(-sims[i])[: a.k][::-1]  # most similar last, nearest the message
-        engine.few_shot = tuple((train[j].text[:200], train[j].label) for j in nn)
-        engine._prepare()  # this message's own prefix
-        s = engine.score([e.text])
+        shots = tuple((train[j].text[:200], train[j].label) for j in nn)
+        pipe = SentimentPipeline(engine.tokenizer, engine.model, shots)  # this message's own prefix
+        s = pipe.score([e.text], batch_size=1, max_tokens=engine.settings.sentiment_max_tokens)
         out.append(float(s.label_logits[0, 0] - s.label_logits[0, 1]))
     dk = np.array(out)
     vote = np.array([np.mean([train[j].label == "positive" for j in np.argsort(-sims[i])[: a.k]])

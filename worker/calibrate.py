@@ -10,7 +10,6 @@ belongs to one model and one sentiment prompt: retrain it after changing either.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -18,16 +17,9 @@ from typing import Any
 
 import torch
 
-from worker import prompts
 from worker.engine.head import SentimentHead, check_features, feature_layers, feature_matrix
 from worker.evaluate import POS, Example, balanced_subset, read_examples
-
-
-def prompt_fingerprint(few_shot: Any = None) -> str:
-    """A short hash of the sentiment prompt a head's features come from."""
-    blob = json.dumps([prompts.SENTIMENT_SYSTEM, prompts.SENTIMENT_USER_HEAD, prompts.LABEL_WORDS,
-                       list(few_shot if few_shot is not None else prompts.FEW_SHOT)])
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+from worker.prompts import prompt_fingerprint
 
 
 def train_head(

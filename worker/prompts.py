@@ -6,6 +6,8 @@ first tokens of the two label words. Whatever a user writes, the answer is one o
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Sequence
 
 # The labels as the model is asked to answer them, in the order of ``LABELS``.
@@ -47,6 +49,16 @@ def sentiment_messages(text: str, few_shot: Sequence[tuple[str, str]] = FEW_SHOT
         msgs.append({"role": "assistant", "content": LABEL_WORDS[LABELS.index(label)]})
     msgs.append({"role": "user", "content": SENTIMENT_USER_HEAD + text})
     return msgs
+
+
+def prompt_fingerprint(few_shot: Sequence[tuple[str, str]] | None = None) -> str:
+    """A short hash of the sentiment prompt (instruction, label words, few-shot turns).
+
+    A sentiment head is trained on the states this prompt leads to: it records this hash and the engine refuses it
+    under another prompt."""
+    blob = json.dumps([SENTIMENT_SYSTEM, SENTIMENT_USER_HEAD, LABEL_WORDS,
+                       list(few_shot if few_shot is not None else FEW_SHOT)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def reply_messages(system: str, history: Iterable[tuple[str, str]], text: str) -> list[dict[str, str]]:
