@@ -1,7 +1,9 @@
 """How much the queue costs on the bulk path: the engine's batched sentiment rate in this process, then the same
 messages end to end through ``python -m producer bulk --sentiment-only`` and a real worker, in one run.
 
-    python scripts/bulk_overhead.py --model "$(bash ../shared/models/get-qwen-proxy)" [--n 400]
+    python scripts/bulk_overhead.py --model MODEL --data zh.dev.jsonl --data en.dev.jsonl [--n 400]
+
+The messages are the first ``n / len(--data)`` rows of each labelled JSONL file (``{"id", "text", ...}``).
 
 Prints one JSON object: engine_messages_per_second, queue_messages_per_second, overhead (1 - queue/engine).
 Uses the local Redis db 12 (ALLINONE_REDIS_URL to change it) and flushes it.
@@ -20,31 +22,31 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
-from helpers import WorkerProcess, worker_env  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data"
+from worker.testing import WorkerProcess, worker_env  # noqa: E402
 
 
-def messages(n: int) -> list[dict]:
+def messages(paths: list[Path], n: int) -> list[dict]:
     rows = []
-    for lang in ("zh", "en"):
-        with (DATA / f"sentiment-{lang}.dev.jsonl").open() as f:
-            rows += [json.loads(line) for _, line in zip(range(n // 2), f, strict=False)]
+    for path in paths:
+        with path.open(encoding="utf-8") as f:
+            rows += [json.loads(line) for _, line in zip(range(n // len(paths)), f, strict=False)]
     return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
+    ap.add_argument("--data", type=Path, action="append", required=True, metavar="FILE.jsonl",
+                    help="labelled JSONL file(s) to take the messages from; repeat for several")
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--no-wait", action="store_true",
                     help="enqueue with --no-wait and poll the store once a second instead of the command collecting")
     a = ap.parse_args()
     url = os.environ.get("ALLINONE_REDIS_URL", "redis://127.0.0.1:6379/12")
-    rows = messages(a.n)
+    rows = messages(a.data, a.n)
     threads = str(len(os.sched_getaffinity(0)))
 
     # 1. the engine alone, batched, as the worker's classify_batch runs it

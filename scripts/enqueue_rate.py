@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis  # noqa: E402
 
-from producer.bulk import BulkJob, CelerySender, Fields, read_jsonl  # noqa: E402
+from producer.bulk import BulkJob, CelerySender, Fields, JobConfig, read_jsonl  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 from worker.store import Keys, RedisStore  # noqa: E402
 
@@ -48,11 +48,10 @@ def measure(url: str, path: Path, rows: int, sentiment_only: bool, batch_size: i
     client = redis.Redis.from_url(url, decode_responses=True)
     store = RedisStore(client, prefix=s.key_prefix, ttl_seconds=600)
     with tempfile.TemporaryDirectory() as d:
-        job = BulkJob(
-            store=store, sender=CelerySender(s), job=f"rate-{tag}", fields=Fields(), sentiment_only=sentiment_only,
-            batch_size=batch_size, bulk_queue=s.bulk_queue, max_chars=s.max_message_chars,
-            errors_file=Path(d) / "e.jsonl", spool_path=Path(d) / "spool",
-        )
+        config = JobConfig(job=f"rate-{tag}", fields=Fields(), sentiment_only=sentiment_only,
+                           batch_size=batch_size, queue=s.bulk_queue, errors_file=Path(d) / "e.jsonl",
+                           spool_path=Path(d) / "spool")
+        job = BulkJob(config, store, CelerySender(s))
         try:
             with path.open("rb") as f:
                 t0 = time.perf_counter()
