@@ -26,9 +26,9 @@ class Recording:
         self.classified.append(list(texts))
         return self.engine.classify(texts, batch_size)
 
-    def reply(self, history, text):
+    def reply(self, history, text, on_text=None):
         self.replies.append((list(history), text))
-        return self.engine.reply(history, text)
+        return self.engine.reply(history, text, on_text=on_text)
 
 
 @pytest.fixture()

@@ -289,6 +289,7 @@ def test_key_names_are_as_the_readme_documents():
     keys = Keys("p")
     assert (keys.conv("c1"), keys.turn("m1"), keys.deadletter()) == ("p:conv:c1", "p:turn:m1", "p:deadletter")
     assert (keys.worker("w1"), keys.pending(), keys.lock("sweep")) == ("p:worker:w1", "p:pending", "p:lock:sweep")
+    assert keys.events("m1") == "p:events:m1"
     assert (keys.worker.match, keys.everything) == ("p:worker:*", "p:*")
     assert keys.worker.id_of("p:worker:host:1") == "host:1"
     with pytest.raises(ValueError):
@@ -305,8 +306,8 @@ def test_redis_store_writes_only_the_keys_it_declares():
     store.heartbeat("w1", {"model": "m"}, ttl=10)
     store.dead_letter("garbage", "why")
     store.try_lock("sweep", ttl_seconds=10)
-    expected = [keys.conv("c1"), keys.turn("m1"), keys.pending(), keys.worker("w1"), keys.deadletter(),
-                keys.lock("sweep")]
+    expected = [keys.conv("c1"), keys.turn("m1"), keys.events("m1"), keys.pending(), keys.worker("w1"),
+                keys.deadletter(), keys.lock("sweep")]
     assert sorted(r.keys("*")) == sorted(expected)
     assert r.lrange(keys.conv("c1"), 0, -1) == ["m1"]
     assert r.hget(keys.turn("m1"), "status") == "queued"

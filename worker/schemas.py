@@ -73,6 +73,9 @@ class Turn(BaseModel):
     classified_at: float | None = None
     done_at: float | None = None
     attempts: int = 0
+    reply_attempts: int = Field(
+        0, description="Reply attempts started on this turn; above 1 after a retry or a crash (its stream says so)."
+    )
 
     def public(self) -> dict[str, Any]:
         """The JSON a user sees (``producer show``/``wait``)."""

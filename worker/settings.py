@@ -114,6 +114,34 @@ class Settings(BaseSettings):
         120.0, gt=0, description="Wall-clock bound of one reply's decoding (enforced in-process: any pool)."
     )
 
+    # --- Events, the web app, metrics ----------------------------------------------------------------------
+    token_events: Literal["live", "all", "off"] = Field(
+        "live",
+        description="Which replies stream `token` events (pieces of the reply as it is written) on their turn's "
+        "event stream: live: every turn not on the bulk queue; all: bulk turns too; off: none (the other events "
+        "still are).",
+    )
+    token_event_seconds: float = Field(
+        0.2,
+        ge=0,
+        le=10,
+        description="A reply's text is sent as one `token` event at most this often (the first piece at once), so "
+        "events cost no decode speed. 0: one event per token.",
+    )
+    publish_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="The asyncio producer (the web app) gives up on the broker after this long and answers 503 "
+        "(StoreUnavailable); the event loop never waits for it.",
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the worker's Prometheus metrics (/metrics; needs the `metrics` extra). Unset or 0: "
+        "off.",
+    )
+
     # --- Input ---------------------------------------------------------------------------------------------
     max_message_chars: int = Field(8000, ge=1, description="Longer messages are refused with a clear error.")
     max_id_chars: int = Field(200, ge=8, le=1000, description="Longest conversation or message id.")

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any, Protocol
 
+from worker import events
 from worker.errors import InvalidMessage, NotReady
 from worker.schemas import Sentiment, Status, Turn, validate_text
 from worker.store import ResultsStore
@@ -26,7 +27,7 @@ class EngineLike(Protocol):
 
     def classify(self, texts: list[str], batch_size: int | None = None) -> list[Sentiment]: ...
 
-    def reply(self, history: list[tuple[str, str]], text: str) -> Any: ...
+    def reply(self, history: list[tuple[str, str]], text: str, on_text: Any = None) -> Any: ...
 
 
 def classify_turn(engine: EngineLike, store: ResultsStore, message_id: str, max_chars: int) -> Turn:
@@ -104,17 +105,35 @@ def history_for(store: ResultsStore, turn: Turn, order_wait_seconds: float, now:
     return [t for t in earlier if t.status is Status.done]
 
 
-def reply_turn(engine: EngineLike, store: ResultsStore, message_id: str, order_wait_seconds: float) -> Turn:
-    """Write the chat reply of one turn, seeing the conversation's earlier turns."""
+def reply_turn(
+    engine: EngineLike,
+    store: ResultsStore,
+    message_id: str,
+    order_wait_seconds: float,
+    tokens: events.TokenPolicy | None = None,
+) -> Turn:
+    """Write the chat reply of one turn, seeing the conversation's earlier turns; with ``tokens``, its text goes
+    on the turn's event stream as it is written."""
     turn = store.get_turn(message_id)
     if turn.status.terminal:
         log.info("reply %s: already %s, skipped", message_id, turn.status.value)
         return turn
     history = history_for(store, turn, order_wait_seconds)
     store.mark_working(message_id)
-    reply = engine.reply([(t.text, t.reply or "") for t in history], turn.text)
+    store.begin_reply(message_id)  # an earlier attempt's partial text is announced void (a `restart` event)
+    stream = None
+    if tokens is not None and tokens.streams(turn.queue):
+        stream = events.TokenEvents(
+            lambda text: store.append_event(message_id, events.TOKEN, {"text": text}), tokens.interval
+        )
+    reply = engine.reply([(t.text, t.reply or "") for t in history], turn.text, on_text=stream)
+    if stream is not None:
+        stream.flush()
     # The engine keeps the most recent turns that fit the history budget: those are the prompt's context.
     kept = history[len(history) - reply.history_turns :] if reply.history_turns else []
     note = "reply cut at the time bound (ALLINONE_REPLY_TIMEOUT_SECONDS)" if reply.timed_out else None
-    store.mark_done(message_id, reply.text, engine.model_id, error=note, context=[t.message_id for t in kept])
+    timing = {"first_token_at": reply.first_token_at, "new_tokens": reply.new_tokens, "seconds": reply.seconds}
+    store.mark_done(
+        message_id, reply.text, engine.model_id, error=note, context=[t.message_id for t in kept], timing=timing
+    )
     return store.get_turn(message_id)

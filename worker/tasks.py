@@ -22,7 +22,7 @@ from typing import Any
 from celery import Task, signals
 from celery.exceptions import Ignore, Retry
 
-from worker import contract, runtime, steps
+from worker import contract, events, runtime, steps
 from worker.app import app
 from worker.errors import NotReady, PermanentError, TransientError, UnknownMessage
 from worker.schemas import Status, TaskPayload, parse_payload
@@ -125,7 +125,10 @@ def reply(self: Task, payload: dict[str, Any]) -> None:
     """The chat reply of one message, seeing the conversation's earlier turns."""
 
     def step(p: TaskPayload) -> None:
-        steps.reply_turn(runtime.engine(), runtime.store(), p.message_id, get_settings().order_wait_seconds)
+        s = get_settings()
+        steps.reply_turn(
+            runtime.engine(), runtime.store(), p.message_id, s.order_wait_seconds, events.TokenPolicy.from_settings(s)
+        )
 
     _guarded(self, payload, step)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,9 @@ class Engine:
         """The reply prompt's token ids [1, T] and how many earlier turns it holds."""
         return self.replier.prompt_ids(history, text, self.settings)
 
-    def reply(self, history: list[tuple[str, str]], text: str) -> Reply:
-        """A chat reply to ``text`` that sees the earlier (user, reply) turns that fit the history budget."""
-        return self.replier.reply(history, text, self.settings)
+    def reply(
+        self, history: list[tuple[str, str]], text: str, on_text: Callable[[str], None] | None = None
+    ) -> Reply:
+        """A chat reply to ``text`` that sees the earlier (user, reply) turns that fit the history budget;
+        ``on_text`` gets its text as it is written (the pieces of a streamed reply)."""
+        return self.replier.reply(history, text, self.settings, on_text=on_text)

@@ -1,17 +1,20 @@
 """Chat replies: the prompt (history that fits, chat template, user text kept plain), the decode, the result.
 
 A reply is ``prompt_ids`` -> ``generate`` -> decode. :meth:`Replier.generate` is the seam for a faster decoder:
-it takes the prompt's token ids and returns the new token ids, within ``max_new_tokens`` and the wall-clock bound;
-everything around it (what the prompt holds, how the result is judged) stays here.
+it takes the prompt's token ids and returns the new token ids, within ``max_new_tokens`` and the wall-clock bound,
+and hands each new token id to ``on_token`` as soon as it is chosen (that is how a reply streams); everything
+around it (what the prompt holds, the text deltas of a streamed reply, how the result is judged) stays here.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from worker import prompts
 from worker.settings import Settings
@@ -28,6 +31,50 @@ class Reply:
     history_turns: int
     seconds: float
     timed_out: bool = False
+    first_token_at: float | None = None  # wall time the first new token was chosen (streaming latency is from it)
+
+
+class TextDeltas:
+    """A reply's text as it grows, token by token: each call returns the text the new tokens add.
+
+    Decoding a token alone can be wrong (a byte-level BPE splits a Chinese character or an emoji across tokens; a
+    decoder may merge spaces across tokens), so each call decodes a short window of recent tokens twice, with and
+    without the new ones, and returns the difference (the way TGI and vLLM detokenise incrementally); text that
+    ends in a partial UTF-8 character is held back until the token that completes it. Work per token is constant.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # window start: tokens before it are decoded and said
+        self._read = 0  # tokens before this are said
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        said = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        now = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
+        if len(now) <= len(said) or now.endswith("\ufffd"):
+            return ""  # nothing yet, or half a character
+        self._prefix, self._read = self._read, len(self.ids)
+        return now[len(said) :]
+
+
+class _TokenStreamer(BaseStreamer):
+    """transformers' streamer hook: hands each new token id to a callback (the prompt, put first, is skipped)."""
+
+    def __init__(self, on_token: Callable[[int], None]) -> None:
+        self.on_token = on_token
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            self.on_token(token_id)
+
+    def end(self) -> None:
+        pass
 
 
 class Replier:
@@ -74,9 +121,12 @@ class Replier:
         return enc["input_ids"], len(kept)
 
     # ------------------------------------------------------------------------------------------- the decode
-    def generate(self, ids: torch.Tensor, settings: Settings) -> torch.Tensor:
+    def generate(
+        self, ids: torch.Tensor, settings: Settings, on_token: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
         """The new token ids [N] after prompt ``ids`` [1, T]: at most ``max_new_tokens``, ending at a stop token,
-        or cut at ``reply_timeout_seconds``."""
+        or cut at ``reply_timeout_seconds``. ``on_token`` gets each new id as soon as it is chosen, in order; an
+        exception it raises ends the decode."""
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         gen: dict[str, Any] = dict(
@@ -89,6 +139,8 @@ class Replier:
             # time limits are not enforced.
             max_time=settings.reply_timeout_seconds,
         )
+        if on_token is not None:
+            gen["streamer"] = _TokenStreamer(on_token)
         if settings.do_sample:
             gen.update(temperature=settings.temperature, top_p=settings.top_p)
         else:
@@ -98,11 +150,29 @@ class Replier:
         return out[0, ids.shape[1] :]
 
     # ------------------------------------------------------------------------------------------- the reply
-    def reply(self, history: list[tuple[str, str]], text: str, settings: Settings) -> Reply:
-        """A chat reply to ``text`` that sees the earlier (user, reply) turns that fit the history budget."""
+    def reply(
+        self,
+        history: list[tuple[str, str]],
+        text: str,
+        settings: Settings,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Reply:
+        """A chat reply to ``text`` that sees the earlier (user, reply) turns that fit the history budget.
+
+        ``on_text`` gets the reply's text as it is written, piece by piece (called from inside the decode: it must
+        be quick). Its pieces joined are the reply before the final strip of surrounding whitespace."""
         ids, kept = self.prompt_ids(history, text, settings)
+        first: list[float] = []
+        deltas = TextDeltas(self.tokenizer) if on_text is not None else None
+
+        def on_token(token_id: int) -> None:
+            if not first:
+                first.append(time.time())
+            if deltas is not None and on_text is not None:
+                on_text(deltas.push(token_id))
+
         t0 = time.perf_counter()
-        new = self.generate(ids, settings)
+        new = self.generate(ids, settings, on_token=on_token)
         seconds = time.perf_counter() - t0
         stopped = len(new) > 0 and int(new[-1]) in self.stop_ids
         timed_out = (not stopped) and len(new) < settings.max_new_tokens and seconds >= settings.reply_timeout_seconds
@@ -113,4 +183,5 @@ class Replier:
             history_turns=kept,
             seconds=seconds,
             timed_out=timed_out,
+            first_token_at=first[0] if first else None,
         )

@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+from worker import events
 from worker.errors import MessageIdConflict, UnknownMessage
+from worker.events import Event
 from worker.schemas import Conversation, Sentiment, Status, Turn
 from worker.store.codec import done_fields
 
@@ -65,10 +67,16 @@ class ResultsStore(Protocol):
         ...
 
     def mark_done(
-        self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
+        self,
+        message_id: str,
+        reply: str,
+        model: str,
+        error: str | None = None,
+        context: list[str] | None = None,
+        timing: dict[str, float] | None = None,
     ) -> bool:
-        """Store the reply of an unfinished turn (``context``: the earlier turns it saw); False when it was
-        finished already."""
+        """Store the reply of an unfinished turn (``context``: the earlier turns it saw; ``timing``: how it was
+        written, for the ``done`` event); False when it was finished already."""
         ...
 
     def mark_failed(self, message_id: str, reason: str) -> bool:
@@ -77,6 +85,23 @@ class ResultsStore(Protocol):
 
     def bump_attempts(self, message_id: str) -> int:
         """Count one more delivery of the turn's task; returns the count."""
+        ...
+
+    # the turn's event stream (worker.events) ------------------------------------------------------------------
+    def read_events(
+        self, message_id: str, after: str = "0", block: float | None = None, count: int = 1000
+    ) -> list[Event]:
+        """The turn's events after event id ``after`` (``"0"``: from the first), at most ``count``; when there are
+        none yet, wait up to ``block`` seconds for one (``None``: do not wait). Nothing stored: an empty list."""
+        ...
+
+    def append_event(self, message_id: str, event_type: str, data: dict[str, Any]) -> str:
+        """Append an event that reports no status change (``token``); returns its id."""
+        ...
+
+    def begin_reply(self, message_id: str) -> int:
+        """A reply attempt starts: count it (``reply_attempts``) and, when an earlier attempt's tokens were the last
+        events, append ``restart``. Returns the attempt number."""
         ...
 
     # the pending index: unfinished turns, for the stale sweep ---------------------------------------------------
@@ -145,9 +170,16 @@ class TurnWrites(StoreBase):
     duplicate task racing the original can never turn ``done`` back into ``classified`` or replace a stored reply.
     """
 
-    def _update(self, message_id: str, fields: dict[str, str], only_from: frozenset[str] | None = None) -> bool:
-        """Write ``fields`` on the turn (only when its status is in ``only_from``, if given) and refresh the
-        expiry of the turn and of its conversation; True when written. :class:`UnknownMessage` when not stored."""
+    def _update(
+        self,
+        message_id: str,
+        fields: dict[str, str],
+        only_from: frozenset[str] | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
+    ) -> bool:
+        """Write ``fields`` on the turn (only when its status is in ``only_from``, if given), append ``event``
+        (type, data) to its stream in the same step, and refresh the expiry of the turn, its conversation and its
+        stream; True when written. :class:`UnknownMessage` when not stored."""
         raise NotImplementedError
 
     def mark_working(self, message_id: str) -> None:
@@ -166,19 +198,28 @@ class TurnWrites(StoreBase):
             "model": model,
             "classified_at": str(self._now()),
         }
-        written = self._update(message_id, fields, only_from=frozenset({Status.queued.value}))
+        event = (events.CLASSIFIED, sentiment.model_dump(mode="json"))
+        written = self._update(message_id, fields, only_from=frozenset({Status.queued.value}), event=event)
         self.mark_working(message_id)
         return written
 
     def mark_done(
-        self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
+        self,
+        message_id: str,
+        reply: str,
+        model: str,
+        error: str | None = None,
+        context: list[str] | None = None,
+        timing: dict[str, float] | None = None,
     ) -> bool:
-        written = self._update(message_id, done_fields(reply, model, error, context, self._now()), only_from=_OPEN)
+        event = (events.DONE, {"reply": reply, "context": context, "model": model, "error": error, "timing": timing})
+        fields = done_fields(reply, model, error, context, self._now())
+        written = self._update(message_id, fields, only_from=_OPEN, event=event)
         self.drop_pending(message_id)
         return written
 
     def mark_failed(self, message_id: str, reason: str) -> bool:
         fields = {"status": Status.failed.value, "error": reason, "done_at": str(self._now())}
-        written = self._update(message_id, fields, only_from=_OPEN)
+        written = self._update(message_id, fields, only_from=_OPEN, event=(events.FAILED, {"reason": reason}))
         self.drop_pending(message_id)
         return written

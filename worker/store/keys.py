@@ -19,6 +19,8 @@ import string
 from dataclasses import dataclass
 from typing import overload
 
+from worker.events import EVENTS_CAP
+
 # The dead-letter list is trimmed to this many entries: a stream of malformed messages cannot fill Redis.
 DEADLETTER_CAP = 10_000
 
@@ -87,6 +89,12 @@ class Keys:
 
     conv = Key("conv:{conversation_id}", "list", "message ids in submission order; a turn's index is its `seq`")
     turn = Key("turn:{message_id}", "hash", "one turn: the fields shown above (`sentiment` and `context` as JSON)")
+    events = Key(
+        "events:{message_id}",
+        "stream",
+        "the turn's events (`queued`, `classified`, `token`, `restart`, `done`, `failed`; fields `type` and `data` "
+        f"as JSON; see `worker/events.py`), trimmed to about {EVENTS_CAP:,}, expiring with the turn",
+    )
     deadletter = Key(
         "deadletter",
         "list",

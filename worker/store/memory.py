@@ -12,17 +12,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
+from worker import events
 from worker.errors import MessageIdConflict, UnknownConversation, UnknownMessage
 from worker.schemas import Conversation, Status, Turn
+from worker.store import scripts
 from worker.store.base import TurnWrites, unknown_message
 from worker.store.codec import check_same, turn_from_fields, turn_to_fields
 from worker.store.deadletters import MemoryDeadLetters
+from worker.store.events import MemoryEvents
 from worker.store.workers import MemoryWorkers
 
 
-class MemoryStore(MemoryDeadLetters, MemoryWorkers, TurnWrites):
+class MemoryStore(MemoryEvents, MemoryDeadLetters, MemoryWorkers, TurnWrites):
     """The results store in memory (thread-safe: one lock around every read and write)."""
 
     def __init__(self, ttl_seconds: int = 7 * 24 * 3600, clock: Callable[[], float] = time.time) -> None:
@@ -48,6 +51,8 @@ class MemoryStore(MemoryDeadLetters, MemoryWorkers, TurnWrites):
         if self._expiry.get((kind, key), float("inf")) <= self._now():
             del table[key]
             self._expiry.pop((kind, key), None)
+            if kind == "turn":
+                self._streams.pop(key, None)  # the stream expires with its turn
             return False
         return True
 
@@ -60,6 +65,12 @@ class MemoryStore(MemoryDeadLetters, MemoryWorkers, TurnWrites):
     def create_turn(
         self, conversation_id: str, message_id: str, text: str, queue: str | None = None
     ) -> tuple[Turn, bool]:
+        return self._create(conversation_id, message_id, text, queue, indexed=True)
+
+    def _create(
+        self, conversation_id: str, message_id: str, text: str, queue: str | None, indexed: bool
+    ) -> tuple[Turn, bool]:
+        """A new turn; ``indexed``: in the pending index, with its ``queued`` event (bulk turns have neither)."""
         with self._lock:
             if self._live("turn", message_id):
                 turn = turn_from_fields(self._turns[message_id])
@@ -74,18 +85,32 @@ class MemoryStore(MemoryDeadLetters, MemoryWorkers, TurnWrites):
             ids.append(message_id)
             self._turns[message_id] = turn_to_fields(turn)
             self._refresh_expiry(conversation_id, message_id)
-            self._pending[message_id] = self._now()
+            if indexed:
+                self._pending[message_id] = self._now()
+                self._xadd(message_id, events.QUEUED, {"seq": turn.seq, **scripts.queued_data(turn)})
             return turn, True
 
-    def _update(self, message_id: str, fields: dict[str, str], only_from: frozenset[str] | None = None) -> bool:
+    def _update(
+        self,
+        message_id: str,
+        fields: dict[str, str],
+        only_from: frozenset[str] | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
+    ) -> bool:
         with self._lock:
-            if not self._live("turn", message_id):
-                raise unknown_message(message_id)
-            if only_from is not None and self._turns[message_id].get("status") not in only_from:
+            stored = self._turn_fields(message_id)
+            if only_from is not None and stored.get("status") not in only_from:
                 return False
-            self._turns[message_id].update(fields)
-            self._refresh_expiry(self._turns[message_id]["conversation_id"], message_id)
+            stored.update(fields)
+            if event is not None:
+                self._xadd(message_id, *event)
+            self._refresh_expiry(stored["conversation_id"], message_id)
             return True
+
+    def _turn_fields(self, message_id: str) -> dict[str, str]:
+        if not self._live("turn", message_id):
+            raise unknown_message(message_id)
+        return self._turns[message_id]
 
     def bump_attempts(self, message_id: str) -> int:
         with self._lock:
@@ -146,13 +171,10 @@ class MemoryStore(MemoryDeadLetters, MemoryWorkers, TurnWrites):
         out: list[tuple[Turn, bool] | MessageIdConflict] = []
         for conversation_id, message_id, text in items:
             try:
-                turn, created = self.create_turn(conversation_id, message_id, text, queue=queue)
+                # Bulk turns stay out of the pending index and have no `queued` event, as in Redis.
+                out.append(self._create(conversation_id, message_id, text, queue, indexed=False))
             except MessageIdConflict as e:
                 out.append(e)
-                continue
-            if created:
-                self.drop_pending(message_id)  # bulk turns stay out of the pending index, as in Redis
-            out.append((turn, created))
         return out
 
     def mark_enqueued_many(self, message_ids: list[str]) -> None:

@@ -1,9 +1,11 @@
 """The results store in Redis: turns, conversations and the pending index (key names: ``worker.store.keys``).
 
-Every write refreshes the TTL of the turn and of its conversation, so a conversation lives ``ttl_seconds`` after
-its last activity. Message ids are global: the same id submitted twice is one turn (idempotency), whichever process
-submits it. The worker side (heartbeats, locks, queue length) and dead letters are parts mixed in from
-``worker.store.workers`` and ``worker.store.deadletters``.
+Every write refreshes the TTL of the turn, of its conversation and of its event stream, so a conversation lives
+``ttl_seconds`` after its last activity. Message ids are global: the same id submitted twice is one turn
+(idempotency), whichever process submits it. Each status change appends its event to the turn's stream in the same
+transaction. Event streams (reads, tokens), the worker side (heartbeats, locks, queue length) and dead letters are
+parts mixed in from ``worker.store.events``, ``worker.store.workers`` and ``worker.store.deadletters``; the Lua
+scripts live in ``worker.store.scripts``.
 """
 
 from __future__ import annotations
@@ -12,47 +14,29 @@ from typing import Any
 
 import redis
 
+from worker import events
 from worker.errors import MessageIdConflict, UnknownConversation
 from worker.schemas import Conversation, Status, Turn
+from worker.store import scripts
 from worker.store.base import TurnWrites, unknown_message
-from worker.store.codec import check_same, turn_from_fields, turn_to_fields
+from worker.store.codec import turn_from_fields
 from worker.store.connection import answering, connect
 from worker.store.deadletters import RedisDeadLetters
+from worker.store.events import RedisEvents
 from worker.store.keys import Keys
 from worker.store.workers import RedisWorkers
 
-# The bulk calls: one script call per turn, many calls in one pipeline (one round trip).
-#
-# Creating a turn, atomic like create_turn's WATCH transaction: an existing turn is returned as it is (idempotency
-# by message id); otherwise the id is appended to its conversation, whose new length gives the turn's seq, and the
-# turn is written with that seq.
-_CREATE_LUA = """
-local unpack = unpack or table.unpack
-local existing = redis.call('HGETALL', KEYS[1])
-if #existing > 0 then return {0, existing} end
-local seq = redis.call('RPUSH', KEYS[2], ARGV[2]) - 1
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 3))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return {1, seq}
-"""
-# Marking a turn enqueued, unless it expired meanwhile (HSET alone would create a turn of one field).
-_ENQUEUED_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'enqueued_at', ARGV[1])
-return 1
-"""
 
-
-class RedisStore(RedisDeadLetters, RedisWorkers, TurnWrites):
+class RedisStore(RedisEvents, RedisDeadLetters, RedisWorkers, TurnWrites):
     """The results store in Redis."""
 
     def __init__(self, client: redis.Redis, prefix: str = "allinone", ttl_seconds: int = 7 * 24 * 3600) -> None:
         self.r = client
         self.keys = Keys(prefix)
         self.ttl = ttl_seconds
-        self._create_script = client.register_script(_CREATE_LUA)
-        self._enqueued_script = client.register_script(_ENQUEUED_LUA)
+        self._create_script = client.register_script(scripts.CREATE_LUA)
+        self._enqueued_script = client.register_script(scripts.ENQUEUED_LUA)
+        self._begin_reply_script = client.register_script(scripts.BEGIN_REPLY_LUA)
 
     @classmethod
     def from_url(
@@ -66,34 +50,26 @@ class RedisStore(RedisDeadLetters, RedisWorkers, TurnWrites):
     def create_turn(
         self, conversation_id: str, message_id: str, text: str, queue: str | None = None
     ) -> tuple[Turn, bool]:
-        tkey, ckey = self.keys.turn(message_id), self.keys.conv(conversation_id)
-
-        def txn(pipe: redis.client.Pipeline) -> tuple[Turn, bool]:
-            # WATCH makes "read the length, append at that index" atomic against other producers.
-            existing = pipe.hgetall(tkey)
-            if existing:
-                return turn_from_fields(existing), False
-            seq = pipe.llen(ckey)
-            turn = Turn(
-                message_id=message_id, conversation_id=conversation_id, seq=seq, text=text, queue=queue,
-                created_at=self._now(),
-            )
-            pipe.multi()
-            pipe.rpush(ckey, message_id)
-            pipe.hset(tkey, mapping=turn_to_fields(turn))
-            pipe.expire(ckey, self.ttl)
-            pipe.expire(tkey, self.ttl)
-            pipe.zadd(self.keys.pending(), {message_id: self._now()})
-            return turn, True
-
+        turn = Turn(
+            message_id=message_id, conversation_id=conversation_id, seq=0, text=text, queue=queue,
+            created_at=self._now(),
+        )
+        # One script (worker.store.scripts), shared with the asyncio store: append, write, index, `queued` event.
+        keys, args = scripts.create_call(self.keys, self.ttl, turn, pending_score=self._now(), queued_event=True)
         with answering():
-            turn, created = self.r.transaction(txn, tkey, ckey, value_from_callable=True)
-        if not created:
-            check_same(turn, conversation_id, text)
-        return turn, created
+            result = scripts.created(turn, self._create_script(keys=keys, args=args))
+        if isinstance(result, MessageIdConflict):
+            raise result
+        return result
 
-    def _update(self, message_id: str, fields: dict[str, str], only_from: frozenset[str] | None = None) -> bool:
-        tkey = self.keys.turn(message_id)
+    def _update(
+        self,
+        message_id: str,
+        fields: dict[str, str],
+        only_from: frozenset[str] | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
+    ) -> bool:
+        tkey, ekey = self.keys.turn(message_id), self.keys.events(message_id)
 
         def txn(pipe: redis.client.Pipeline) -> bool:
             # WATCH: the status read and the write are one step, however many workers race on this turn.
@@ -104,8 +80,11 @@ class RedisStore(RedisDeadLetters, RedisWorkers, TurnWrites):
                 return False
             pipe.multi()
             pipe.hset(tkey, mapping=fields)
+            if event is not None:
+                pipe.xadd(ekey, events.entry(*event), maxlen=events.EVENTS_CAP, approximate=True)
             pipe.expire(tkey, self.ttl)
             pipe.expire(self.keys.conv(conv), self.ttl)
+            pipe.expire(ekey, self.ttl)
             return True
 
         with answering():
@@ -180,28 +159,11 @@ class RedisStore(RedisDeadLetters, RedisWorkers, TurnWrites):
                     message_id=message_id, conversation_id=conversation_id, seq=0, text=text, queue=queue,
                     created_at=self._now(),
                 )
-                fields = turn_to_fields(turn)
-                del fields["seq"]  # the script writes the seq it assigns
                 fresh.append(turn)
-                args: list[Any] = [self.ttl, message_id]
-                for k, v in fields.items():
-                    args += [k, v]
-                self._create_script(
-                    keys=[self.keys.turn(message_id), self.keys.conv(conversation_id)], args=args, client=pipe
-                )
+                keys, args = scripts.create_call(self.keys, self.ttl, turn, pending_score=None, queued_event=False)
+                self._create_script(keys=keys, args=args, client=pipe)
             replies = pipe.execute()
-        out: list[tuple[Turn, bool] | MessageIdConflict] = []
-        for turn, (created, value) in zip(fresh, replies, strict=True):
-            if created:
-                out.append((turn.model_copy(update={"seq": int(value)}), True))
-                continue
-            old = turn_from_fields(dict(zip(value[::2], value[1::2], strict=True)))
-            try:
-                check_same(old, turn.conversation_id, turn.text)
-                out.append((old, False))
-            except MessageIdConflict as e:
-                out.append(e)
-        return out
+        return [scripts.created(turn, reply) for turn, reply in zip(fresh, replies, strict=True)]
 
     def mark_enqueued_many(self, message_ids: list[str]) -> None:
         """``mark_enqueued`` for many turns in one pipeline; ids no longer stored are left alone."""
