@@ -1,6 +1,8 @@
 """``python -m producer``: send messages, wait for them, show conversations, back-process files.
 
     python -m producer send --conversation ID TEXT      -> {"message_id": ..., "conversation_id": ...}
+    python -m producer send --follow -c ID TEXT         -> the same, then the sentiment and the reply as it is written
+    python -m producer follow MESSAGE_ID [--after ID]   -> a sent message's sentiment and reply as it is written
     python -m producer wait MESSAGE_ID [--timeout S]    -> the finished turn; exit 1 failed, 3 timeout
     python -m producer show ID                          -> {"conversation_id": ..., "turns": [...]}
     python -m producer dead-letters [--limit N]         -> malformed task messages and why
@@ -44,7 +46,40 @@ def cmd_send(a: argparse.Namespace) -> int:
     p = _producer()
     mid = p.submit(a.conversation, a.text, message_id=a.message_id, queue=a.queue)
     _print({"message_id": mid, "conversation_id": a.conversation})
+    if a.follow:
+        sys.stdout.flush()
+        return _follow(p, mid, "0", a.timeout, as_json=False)
     return 0
+
+
+def cmd_follow(a: argparse.Namespace) -> int:
+    return _follow(_producer(), a.message_id, a.after, a.timeout, as_json=a.json)
+
+
+def _follow(p: Any, message_id: str, after: str, timeout: float, as_json: bool) -> int:
+    """Print a turn's events as they come: as JSON lines, or as a person reads them (the reply as it is
+    written; a restart starts the reply over on a new line)."""
+    code, streamed = 0, False
+    for event in p.events(message_id, after=after, timeout=timeout):
+        if as_json:
+            _print(event.public())
+        elif event.type == "classified":
+            print(f"[{event.data['label']} {event.data['confidence']:.2f}]", flush=True)
+        elif event.type == "token":
+            print(event.data["text"], end="", flush=True)
+            streamed = True
+        elif event.type == "restart":
+            print(f"\n[restarted: attempt {event.data['attempt']}]", flush=True)
+            streamed = False
+        elif event.type == "done":
+            # Streamed, the reply is on the screen already (its pieces joined are the stored reply, give or take
+            # surrounding whitespace); not streamed (token events off, a bulk turn), it is printed whole here.
+            print("" if streamed else event.data["reply"], flush=True)
+        elif event.type == "failed":
+            print(f"error: {event.data['reason']}", file=sys.stderr)
+        if event.type == "failed":
+            code = 1
+    return code
 
 
 def cmd_wait(a: argparse.Namespace) -> int:
@@ -74,8 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--conversation", "-c", required=True, help="conversation id")
     s.add_argument("--message-id", help="your own id (idempotent: the same id twice is one turn)")
     s.add_argument("--queue", help="queue to use (default: the live queue)")
+    s.add_argument("--follow", "-f", action="store_true", help="then print its sentiment and reply as it is written")
+    s.add_argument("--timeout", type=float, default=120.0, help="with --follow: seconds (default 120)")
     s.add_argument("text", help="the message text ('-' reads it from stdin)")
     s.set_defaults(func=cmd_send)
+    f = sub.add_parser("follow", help="print a message's sentiment and reply as it is written (its events)")
+    f.add_argument("message_id")
+    f.add_argument("--after", default="0", help="resume after this event id (default: from the first event)")
+    f.add_argument("--json", action="store_true", help="every event as a JSON line {id, type, data}")
+    f.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
+    f.set_defaults(func=cmd_follow)
     w = sub.add_parser("wait", help="wait for a message to finish; prints the turn")
     w.add_argument("message_id")
     w.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")

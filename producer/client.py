@@ -3,21 +3,26 @@
     from producer import Producer
     p = Producer()                                     # settings from ALLINONE_* environment
     mid = p.submit("conv-42", "The room was lovely")  # returns at once: stored as queued, task on the queue
+    for event in p.events(mid):                       # optional: hear it happen (queued, classified, token..., done)
+        print(event.type, event.data)
     p.wait(mid, timeout=30)                           # optional: block until the worker finished it
     p.conversation("conv-42")                         # every turn, in submission order
+
+asyncio code uses :class:`producer.AsyncProducer`, which has the same methods.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from producer import core
 from worker.contract import send_turn
-from worker.errors import StoreUnavailable, TurnFailed, WaitTimeout
-from worker.schemas import Conversation, Status, Turn, new_message_id, validate_id, validate_text
+from worker.events import Event
+from worker.schemas import Conversation, Turn, validate_id
 from worker.settings import Settings, get_settings
 from worker.store import ResultsStore, store_from_settings
 
@@ -57,24 +62,17 @@ class Producer:
         Raises :class:`InvalidMessage` for bad input and :class:`StoreUnavailable` when Redis does not answer
         within the retry bound; on any error nothing is reported as submitted.
         """
-        s = self.settings
-        conversation_id = validate_id(conversation_id, "conversation_id", s.max_id_chars)
-        message_id = validate_id(message_id or new_message_id(), "message_id", s.max_id_chars)
-        text = validate_text(text, s.max_message_chars)
-        queue = queue or s.live_queue
-        turn, created = self.store.create_turn(conversation_id, message_id, text, queue=queue)
-        if created or (turn.enqueued_at is None and not turn.status.terminal):
-            self._enqueue(turn, queue)
-        return message_id
+        sub = core.submission(self.settings, conversation_id, text, message_id, queue)
+        turn, created = self.store.create_turn(sub.conversation_id, sub.message_id, sub.text, queue=sub.queue)
+        if core.needs_enqueue(turn, created):
+            self._enqueue(turn, sub.queue)
+        return sub.message_id
 
     def _enqueue(self, turn: Turn, queue: str) -> None:
         try:
             send_turn(self.celery, turn.message_id, turn.conversation_id, queue)
         except OperationalError as e:
-            raise StoreUnavailable(
-                f"the broker did not take message {turn.message_id!r} (stored as queued; submit it again with "
-                f"the same message_id to enqueue it): {e}"
-            ) from e
+            raise core.broker_error(turn.message_id, e) from e
         self.store.mark_enqueued(turn.message_id)
 
     # ------------------------------------------------------------------------------------------------ read
@@ -88,24 +86,40 @@ class Producer:
             validate_id(conversation_id, "conversation_id", self.settings.max_id_chars)
         )
 
+    def events(self, message_id: str, after: str = "0", *, timeout: float | None = None) -> Iterator[Event]:
+        """The turn's events after event id ``after`` (``"0"``: all of them), as they happen, until the last
+        (``done`` or ``failed``). Blocks on the stream (``XREAD``), never polls; resume with the last id seen.
+
+        Raises :class:`UnknownMessage` for an id never submitted and :class:`WaitTimeout` after ``timeout``
+        seconds (``None``: no limit).
+        """
+        self.turn(message_id)
+        yield from self._follow(message_id, core.Follow(after, timeout))
+
+    def _follow(self, message_id: str, follow: core.Follow) -> Iterator[Event]:
+        while not follow.done:
+            if follow.expired:
+                raise core.wait_timeout(message_id, self.turn(message_id), follow.timeout or 0)
+            batch = self.store.read_events(message_id, follow.after, block=follow.block())
+            if not batch and self.turn(message_id).status.terminal:
+                batch = self.store.read_events(message_id, follow.after)
+                if not batch:
+                    follow.ended()
+            yield from follow.take(batch)
+
     def wait(
-        self, message_id: str, timeout: float = 60.0, *, poll: float = 0.05, raise_on_failure: bool = False
+        self, message_id: str, timeout: float = 60.0, *, poll: float | None = None, raise_on_failure: bool = False
     ) -> Turn:
         """Block until the turn is ``done`` or ``failed`` and return it.
 
-        Raises :class:`WaitTimeout` after ``timeout`` seconds, :class:`UnknownMessage` for an id never submitted,
-        and with ``raise_on_failure`` :class:`TurnFailed` for a failed turn.
+        Waits on the turn's event stream for its last event, then reads the turn (the source of truth): a few
+        Redis calls however long it takes. Raises :class:`WaitTimeout` after ``timeout`` seconds,
+        :class:`UnknownMessage` for an id never submitted, and with ``raise_on_failure`` :class:`TurnFailed` for a
+        failed turn. ``poll`` is not used any more (this never polls); it is accepted for callers that pass it.
         """
-        deadline = time.monotonic() + timeout
-        delay = poll
-        while True:
+        turn = self.turn(message_id)
+        if not turn.status.terminal:
+            for _ in self._follow(message_id, core.Follow("0", timeout)):
+                pass
             turn = self.turn(message_id)
-            if turn.status.terminal:
-                if raise_on_failure and turn.status is Status.failed:
-                    raise TurnFailed(turn.error or "failed")
-                return turn
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WaitTimeout(f"message {message_id!r} is still {turn.status.value} after {timeout:g} s")
-            time.sleep(min(delay, left))
-            delay = min(delay * 1.5, 1.0)  # quick for short tasks, gentle on Redis for long ones
+        return core.finished(turn, raise_on_failure)
