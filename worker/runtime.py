@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from worker import recovery
+from worker import metrics, recovery
 from worker.settings import Settings, get_settings, redact_url
 from worker.store import ResultsStore, store_from_settings
 
@@ -42,6 +42,7 @@ def start(name: str | None = None, settings: Settings | None = None) -> None:
     engine = Engine(s)
     engine.load()
     _engine = engine
+    _store = metrics.start(s, _store, engine.model_id)  # measured when ALLINONE_METRICS_PORT is set
     _stats.update(started_at=time.time(), loads=_stats["loads"] + 1)
     threading.Thread(target=_beat, name="allinone-heartbeat", daemon=True).start()
 
