@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 
 def test_special_tokens_in_user_text_stay_plain_text_in_the_reply_prompt(tiny_engine):
     im_start = tiny_engine.tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -56,3 +58,34 @@ def test_generate_is_the_decode_seam_from_prompt_ids_to_new_tokens(tiny_engine):
     reply = tiny_engine.reply([], "hello")
     assert reply.new_tokens == len(new) and reply.prompt_tokens == ids.shape[1]
     assert reply.text == tiny_engine.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+# ------------------------------------------------------------------------------------------- streaming
+
+
+def test_a_streamed_reply_is_the_reply_written_piece_by_piece(tiny_engine):
+    pieces: list[str] = []
+    streamed = tiny_engine.reply([("hi", "hello")], "how are you?", on_text=pieces.append)
+    plain = tiny_engine.reply([("hi", "hello")], "how are you?")
+    assert streamed.text == plain.text  # streaming changes nothing in the reply
+    assert "".join(pieces).strip() == streamed.text and len(pieces) == streamed.new_tokens
+    assert streamed.first_token_at is not None and streamed.first_token_at <= time.time()
+
+
+def test_text_deltas_never_split_a_character(tiny_engine):
+    from worker.engine.reply import TextDeltas
+
+    tok = tiny_engine.tokenizer
+    for text in ["服务很好，房间干净 😀 ok", "Hello  world,\nfine.", "é à ü 🎉🎉"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        deltas = TextDeltas(tok)
+        pieces = [deltas.push(i) for i in ids]
+        assert "".join(pieces) == text  # the stop token adds nothing
+        assert all("\ufffd" not in p for p in pieces)
+
+
+def test_generate_hands_each_new_token_to_on_token_in_order(tiny_engine):
+    ids, _ = tiny_engine.reply_prompt_ids([], "hello")
+    seen: list[int] = []
+    new = tiny_engine.replier.generate(ids, tiny_engine.settings, on_token=seen.append)
+    assert seen == new.tolist()

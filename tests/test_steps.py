@@ -8,6 +8,7 @@ import pytest
 
 from worker import steps
 from worker.errors import InvalidMessage, NotReady, UnknownMessage
+from worker.events import TokenPolicy
 from worker.schemas import Status
 from worker.store import MemoryStore
 from worker.testing import ManualClock
@@ -143,3 +144,54 @@ def test_batch_labels_equal_single_labels(engine, store):
     single = [engine.engine.classify([t])[0] for t in texts]
     assert [s.label for s in batched] == [s.label for s in single]
     assert [s.confidence for s in batched] == pytest.approx([s.confidence for s in single], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- events
+
+
+def test_a_reply_streams_its_text_as_token_events_and_ends_with_done(engine, store):
+    store.create_turn("c", "m0", "hello there", queue="live")
+    steps.classify_turn(engine, store, "m0", 100)
+    turn = steps.reply_turn(engine, store, "m0", 60, tokens=TokenPolicy(interval=0.0))
+    evs = store.read_events("m0")
+    assert [e.type for e in evs if e.type != "token"] == ["queued", "classified", "done"]
+    assert evs[-1].type == "done" and evs[-1].data["reply"] == turn.reply and evs[-1].data["context"] == []
+    tokens = [e.data["text"] for e in evs if e.type == "token"]
+    assert tokens and "".join(tokens).strip() == turn.reply
+    timing = evs[-1].data["timing"]
+    assert timing["new_tokens"] > 0 and timing["first_token_at"] >= turn.classified_at
+
+
+def test_bulk_turns_and_token_events_off_write_no_tokens(engine, store):
+    store.create_turns([("c", "b0", "hello")], queue="bulk")
+    store.create_turn("c2", "m0", "hello", queue="live")
+    for mid in ("b0", "m0"):
+        steps.classify_turn(engine, store, mid, 100)
+    steps.reply_turn(engine, store, "b0", 60, tokens=TokenPolicy(interval=0.0, skip_queue="bulk"))
+    steps.reply_turn(engine, store, "m0", 60, tokens=None)
+    assert [e.type for e in store.read_events("b0")] == ["classified", "done"]
+    assert [e.type for e in store.read_events("m0")] == ["queued", "classified", "done"]
+
+
+def test_a_reply_cut_off_mid_stream_restarts_and_the_reader_can_drop_the_partial_text(engine, store):
+    store.create_turn("c", "m0", "hello there")
+    steps.classify_turn(engine, store, "m0", 100)
+
+    class Dies(RuntimeError):
+        pass
+
+    def dying_reply(history, text, on_text=None):
+        on_text("partial ")
+        raise Dies("the worker died mid-reply")
+
+    engine.reply, real_reply = dying_reply, engine.reply
+    with pytest.raises(Dies):
+        steps.reply_turn(engine, store, "m0", 60, tokens=TokenPolicy(interval=0.0))
+    engine.reply = real_reply
+    turn = steps.reply_turn(engine, store, "m0", 60, tokens=TokenPolicy(interval=0.0))
+    evs = store.read_events("m0")
+    restart = next(i for i, e in enumerate(evs) if e.type == "restart")
+    assert evs[restart - 1].data == {"text": "partial "} and evs[restart].data == {"attempt": 2}
+    # what a reader shows: the tokens after the last restart, then the reply of done
+    after = "".join(e.data["text"] for e in evs[restart:] if e.type == "token")
+    assert after.strip() == turn.reply and evs[-1].type == "done" and turn.reply_attempts == 2
