@@ -116,19 +116,22 @@ class AsyncProducer:
         self, message_id: str, after: str = "0", *, timeout: float | None = None
     ) -> AsyncIterator[Event]:
         """As :meth:`Producer.events`: the turn's events after ``after`` as they happen, until the last one."""
-        await self.turn(message_id)
-        async for event in self._follow(message_id, core.Follow(after, timeout)):
+        turn = await self.turn(message_id)
+        async for event in self._follow(message_id, core.Follow(after, timeout, finished=turn.status.terminal)):
             yield event
 
     async def _follow(self, message_id: str, follow: core.Follow) -> AsyncIterator[Event]:
         while not follow.done:
             if follow.expired:
                 raise core.wait_timeout(message_id, await self.turn(message_id), follow.timeout or 0)
+            finished = follow.finished
             batch = await self.store.read_events(message_id, follow.after, block=follow.block())
-            if not batch and (await self.turn(message_id)).status.terminal:
-                batch = await self.store.read_events(message_id, follow.after)
-                if not batch:
+            if not batch:
+                if finished:
                     follow.ended()
+                elif (await self.turn(message_id)).status.terminal:
+                    follow.finished = True  # one more read, without blocking: its last event may be there now
+                continue
             for event in follow.take(batch):
                 yield event
 

@@ -93,18 +93,21 @@ class Producer:
         Raises :class:`UnknownMessage` for an id never submitted and :class:`WaitTimeout` after ``timeout``
         seconds (``None``: no limit).
         """
-        self.turn(message_id)
-        yield from self._follow(message_id, core.Follow(after, timeout))
+        turn = self.turn(message_id)
+        yield from self._follow(message_id, core.Follow(after, timeout, finished=turn.status.terminal))
 
     def _follow(self, message_id: str, follow: core.Follow) -> Iterator[Event]:
         while not follow.done:
             if follow.expired:
                 raise core.wait_timeout(message_id, self.turn(message_id), follow.timeout or 0)
+            finished = follow.finished
             batch = self.store.read_events(message_id, follow.after, block=follow.block())
-            if not batch and self.turn(message_id).status.terminal:
-                batch = self.store.read_events(message_id, follow.after)
-                if not batch:
+            if not batch:
+                if finished:
                     follow.ended()
+                elif (self.turn(message_id)).status.terminal:
+                    follow.finished = True  # one more read, without blocking: its last event may be there now
+                continue
             yield from follow.take(batch)
 
     def wait(

@@ -72,21 +72,30 @@ def wait_timeout(message_id: str, turn: Turn, timeout: float) -> WaitTimeout:
 class Follow:
     """Following one turn's stream: the id to read after, how long the next read may block, and the end.
 
-    ``take`` the events each read returns; when a read returns nothing, check the turn and ``ended`` it if it is
-    finished (after one last read: its terminal event may have come in between).
+    ``take`` the events each read returns. When a blocking read returns nothing, the reader checks the turn: once
+    it is ``finished``, the next read does not block (its terminal event may have come in between), and when that
+    read is empty too the follow has ``ended`` (a turn finished without a terminal event: written before the
+    streams, or its stream expired).
     """
 
     def __init__(
-        self, after: str = "0", timeout: float | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        after: str = "0",
+        timeout: float | None = None,
+        finished: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.after = check_event_id(str(after))
         self.timeout = timeout
+        self.finished = finished
         self.clock = clock
         self.deadline = None if timeout is None else clock() + timeout
         self.done = False
 
-    def block(self) -> float:
-        """How long the next read may wait; :class:`WaitTimeout` once the time is up (``expired``)."""
+    def block(self) -> float | None:
+        """How long the next read may wait (``None``: not at all, the turn is finished)."""
+        if self.finished:
+            return None
         if self.deadline is None:
             return IDLE_CHECK_SECONDS
         return min(IDLE_CHECK_SECONDS, max(0.0, self.deadline - self.clock()))
@@ -107,5 +116,4 @@ class Follow:
         return out
 
     def ended(self) -> None:
-        """The turn is finished and nothing more is coming (no terminal event: written before the streams)."""
         self.done = True

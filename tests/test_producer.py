@@ -1,13 +1,16 @@
-"""The producer library on fakeredis (store) and Celery's in-memory broker (queue)."""
+"""The producer library on fakeredis (store) and Celery's in-memory broker (queue); its wait() on a real Redis."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import fakeredis
 import pytest
+import redis
 from celery import Celery
 
 from producer.client import Producer
@@ -133,3 +136,37 @@ def test_producer_never_imports_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------------------------- on a real Redis
+
+
+class CountingRedis(redis.Redis):
+    """A client that records the name of every command it sends."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[str] = []
+
+    def execute_command(self, *args, **options):
+        self.calls.append(str(args[0]))
+        return super().execute_command(*args, **options)
+
+
+@pytest.mark.integration
+def test_wait_blocks_on_the_stream_instead_of_polling(redis_url):
+    # Given a turn that a "worker" classifies after 1 s and finishes after 2 s
+    writer = RedisStore.from_url(redis_url)
+    writer.create_turn("c1", "m1", "hello")
+    client = CountingRedis.from_url(redis_url, decode_responses=True)
+    producer = Producer(settings=Settings(redis_url=redis_url), store=RedisStore(client))
+    threading.Timer(1.0, writer.mark_classified, ("m1", Sentiment(label="positive", confidence=0.8), "m")).start()
+    threading.Timer(2.0, writer.mark_done, ("m1", "the reply", "m")).start()
+    # When a producer waits for it
+    t0 = time.monotonic()
+    turn = producer.wait("m1", timeout=30)
+    # Then it returns the finished turn as soon as it is done, having asked Redis five times in two seconds: the
+    # turn, one read per event (queued at once, then classified and done as they happened), the turn again.
+    assert turn.status is Status.done and turn.reply == "the reply"
+    assert 1.9 < time.monotonic() - t0 < 3.0
+    assert client.calls == ["HGETALL", "XREAD", "XREAD", "XREAD", "HGETALL"]
