@@ -32,8 +32,9 @@ class WorkerMetrics:
     """The worker's metrics in their own registry."""
 
     def __init__(self, model: str, queues: list[str], redis_url: str, keys: Keys) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+        disable_created_metrics()  # a `_created` timestamp per series is noise here (and doubles the output)
         self.registry = r = CollectorRegistry()
         self.messages = Counter(
             "allinone_messages", "Turns that reached a status (classified, done, failed), by queue.",

@@ -12,7 +12,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=8000, help="default 8000")
     ap.add_argument("--log-level", default="info")
     a = ap.parse_args(argv)
+    import resource
+
     import uvicorn
+
+    # Each SSE client holds a socket, and a Redis connection while it waits: allow as many files as the system does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     from producer.web.app import create_app
 

@@ -30,11 +30,16 @@ from worker.store.keys import Keys
 
 # A blocking read waits at most this long per call (callers loop), well inside the socket timeout below.
 MAX_BLOCK_SECONDS = 5.0
+# Each follower of a stream holds a connection while its read blocks: the pool allows as many as a Redis accepts
+# by default (maxclients), not redis-py's default of 100, which would refuse the 101st follower.
+MAX_CONNECTIONS = 10_000
 _SOCKET_TIMEOUT = 10.0
-_CONNECT_TIMEOUT = 1.0
+# Generous: a Redis that is down refuses at once (that is the fast 503); this only bounds a host that does not
+# answer, and a busy event loop accepting a burst of connections must not mistake itself for an outage.
+_CONNECT_TIMEOUT = 5.0
 
 
-def connect_async(url: str, max_connections: int | None = None) -> aioredis.Redis:
+def connect_async(url: str, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
     """An asyncio client that fails fast: one immediate retry on a dropped connection, then the error."""
     return aioredis.Redis.from_url(
         url,
@@ -58,7 +63,7 @@ class AsyncRedisStore:
         self._enqueued_script = client.register_script(scripts.ENQUEUED_LUA)
 
     @classmethod
-    def from_settings(cls, settings: Any, max_connections: int | None = None) -> AsyncRedisStore:
+    def from_settings(cls, settings: Any, max_connections: int = MAX_CONNECTIONS) -> AsyncRedisStore:
         client = connect_async(settings.redis_url, max_connections=max_connections)
         return cls(client, prefix=settings.key_prefix, ttl_seconds=settings.result_ttl_seconds)
 

@@ -38,12 +38,19 @@ function addTurn(text) {
   return { turn, badge, bot };
 }
 
-function follow(messageId, view) {
-  // EventSource reconnects by itself after a drop and sends Last-Event-ID: the server resumes after it.
-  const source = new EventSource(`/messages/${encodeURIComponent(messageId)}/events`);
-  let reply = "";
-  const data = (e) => JSON.parse(e.data);
-  source.addEventListener("queued", () => { view.badge.textContent = "queued"; });
+function follow(messageId, view, after = "0", reply = "") {
+  // EventSource reconnects by itself after a dropped connection and sends Last-Event-ID: the server resumes after
+  // it. An error answer (503 while Redis is away) closes it for good: then follow again, after the last event seen.
+  const url = `/messages/${encodeURIComponent(messageId)}/events?after=${encodeURIComponent(after)}`;
+  const source = new EventSource(url);
+  let last = after;
+  const data = (e) => { last = e.lastEventId || last; return JSON.parse(e.data); };
+  source.onerror = () => {
+    if (source.readyState === EventSource.CLOSED && !view.turn.dataset.status) {
+      setTimeout(() => follow(messageId, view, last, reply), 1000);
+    }
+  };
+  source.addEventListener("queued", (e) => { data(e); view.badge.textContent = "queued"; });
   source.addEventListener("classified", (e) => {
     const s = data(e);
     view.badge.textContent = `${s.label} ${Math.round(s.confidence * 100)}%`;
@@ -55,7 +62,7 @@ function follow(messageId, view) {
     view.bot.textContent = reply.trimStart();
     view.turn.scrollIntoView({ block: "end" });
   });
-  source.addEventListener("restart", () => { reply = ""; view.bot.textContent = ""; });
+  source.addEventListener("restart", (e) => { data(e); reply = ""; view.bot.textContent = ""; });
   source.addEventListener("done", (e) => {
     source.close();
     view.bot.textContent = data(e).reply || "(empty reply)";
