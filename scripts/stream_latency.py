@@ -48,11 +48,10 @@ from worker.schemas import Sentiment  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 from worker.store import RedisStore  # noqa: E402
 from worker.testing import (  # noqa: E402
-    PROJECT_ROOT,
     RedisServer,
+    WebProcess,
     WorkerProcess,
     build_tiny_model,
-    free_port,
     smollm2_path,
     worker_env,
 )
@@ -98,7 +97,7 @@ class Stack:
         if head:
             self.env["ALLINONE_SENTIMENT_HEAD"] = head
         self.worker: WorkerProcess | None = None
-        self.web: subprocess.Popen | None = None
+        self.web: WebProcess | None = None
         self.base = ""
 
     def start_worker(self) -> None:
@@ -106,27 +105,13 @@ class Stack:
         self.worker.start(wait_ready=600)
 
     def start_web(self) -> str:
-        port = free_port()
-        self.web = subprocess.Popen(
-            [sys.executable, "-m", "producer.web", "--port", str(port), "--log-level", "warning"],
-            cwd=PROJECT_ROOT, env=self.env, preexec_fn=raise_open_files_limit,
-        )
-        self.base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return self.base
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the web app did not start")
-            time.sleep(0.1)
+        self.web = WebProcess(env=self.env).start()
+        self.base = self.web.url
+        return self.base
 
     def stop(self) -> None:
         if self.web is not None:
-            self.web.terminate()
-            self.web.wait(10)
+            self.web.stop()
         if self.worker is not None:
             self.worker.stop()
         self.redis.stop()
@@ -201,6 +186,7 @@ def measure_speed(model: str, head: str | None, redis_url: str, rounds: int, max
     policy = events.TokenPolicy(interval=Settings().token_event_seconds)
     totals = {"on": [0, 0.0], "off": [0, 0.0]}
     ratios: list[float] = []
+    cpu = {"on": 0.0, "off": 0.0}
     engine.reply([], "warm up")
     for i in range(rounds):
         text = MESSAGES[i % len(MESSAGES)]
@@ -210,7 +196,9 @@ def measure_speed(model: str, head: str | None, redis_url: str, rounds: int, max
             mid = f"{mode}-{i}-{uuid.uuid4().hex[:6]}"
             store.create_turn(mid, mid, text)
             steps.classify_turn(engine, store, mid, settings.max_message_chars)
+            cpu0 = time.thread_time()  # one torch thread: the decode runs on this thread
             steps.reply_turn(engine, store, mid, 0, tokens=policy if mode == "on" else None)
+            cpu[mode] += time.thread_time() - cpu0
             timing = store.read_events(mid)[-1].data["timing"]
             totals[mode][0] += timing["new_tokens"]
             totals[mode][1] += timing["seconds"]
@@ -224,6 +212,10 @@ def measure_speed(model: str, head: str | None, redis_url: str, rounds: int, max
         "tokens_per_second_events_off": round(off, 2),
         "on_vs_off_percent_median_of_pairs": round(100 * (statistics.median(ratios) - 1), 2),
         "on_vs_off_percent_totals": round(100 * (on - off) / off, 2),
+        # CPU time of the whole reply step (prompt, decode, events): what events cost, free of a busy machine's
+        # scheduling noise; the same tokens on both sides
+        "reply_step_cpu_seconds": {m: round(cpu[m], 3) for m in cpu},
+        "cpu_on_vs_off_percent": round(100 * (cpu["on"] - cpu["off"]) / cpu["off"], 2),
         "token_event_seconds": policy.interval,
     }
 
@@ -369,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = a.model
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results: dict[str, Any] = {"model": a.model, "cpus": os.cpu_count()}
+    results: dict[str, Any] = {"model": a.model, "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}
     reply_env = {"ALLINONE_MAX_NEW_TOKENS": str(a.max_new_tokens), "ALLINONE_THREADS": "1"}
     cache = {"ALLINONE_CACHE_DIR": str(Path(tempfile.gettempdir()) / "allinone-stream-latency")}
     if parts & {"latency", "resume"}:
@@ -400,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["outage"] = measure_outage(stack)
         finally:
             stack.stop()
+    results["load_average_at_end"] = os.getloadavg()
     print(json.dumps(results, indent=None if a.json else 2, ensure_ascii=False))
     return 0
 

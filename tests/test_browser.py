@@ -7,54 +7,24 @@ CI installs chromium (``.ci/run``) and this test must run there; elsewhere it is
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from worker.testing import PROJECT_ROOT, WorkerProcess, free_port, worker_env
+from worker.testing import CHROMIUM_ARGS, WebProcess, WorkerProcess, chromium_binary, worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
-# Flags that let chromium run headless as root in a container with no display, GPU or network.
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-]
-
-
 def chromium() -> str:
     """The system's chromium; skipped where there is none (failed in CI, unless CI could not install one)."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    found = chromium_binary()
     if found:
         return found
     why = os.environ.get("CI_NO_BROWSER")
     if os.environ.get("CI") and not why:
         pytest.fail("no chromium in CI: .ci/run installs Debian's chromium (apt-get install chromium)")
     pytest.skip(f"no chromium found ({why or 'apt-get install chromium'}): the page's browser test needs one")
-
-
-def start_web(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "producer.web", "--port", str(port), "--log-level", "warning"], cwd=PROJECT_ROOT, env=env
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError("the web app did not start")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +38,15 @@ def page_url(redis_base_url, tiny_model_dir, tmp_path_factory) -> Iterator[str]:
         ALLINONE_BULK_QUEUE="browser-bulk",
     )
     worker = WorkerProcess(env=env, log_path=tmp_path_factory.mktemp("logs") / "worker.log").start()
-    web, base = start_web(env)
     try:
-        yield base
+        web = WebProcess(env=env).start()
+    except BaseException:
+        worker.stop()
+        raise
+    try:
+        yield web.url
     finally:
-        web.terminate()
-        web.wait(10)
+        web.stop()
         worker.stop()
 
 

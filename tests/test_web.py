@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ from producer.aio import AsyncProducer
 from producer.web import create_app
 from worker.settings import Settings
 from worker.store import RedisStore
-from worker.testing import PROJECT_ROOT, RedisServer, free_port
+from worker.testing import RedisServer, WebProcess
 
 pytestmark = pytest.mark.integration
 
@@ -136,26 +134,9 @@ def test_metrics_name_what_the_app_counted(redis_url):
 
 @pytest.fixture(scope="module")
 def web(tiny_worker) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "producer.web", "--port", str(port), "--log-level", "warning"],
-        cwd=PROJECT_ROOT, env=tiny_worker.env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "the web app did not start"
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    server = WebProcess(env=tiny_worker.env).start()
+    yield server.url
+    server.stop()
 
 
 def sse(client: httpx.Client, url: str, headers: dict[str, str] | None = None, stop_after: int | None = None):

@@ -1,9 +1,11 @@
-"""Test support shared by the test suite, the demo and the chaos run: a throw-away Redis, real worker processes,
-a tiny model built locally, the offline demo model, and a clock tests move by hand.
+"""Test support shared by the test suite, the demo, the chaos run and the measurement scripts: a throw-away Redis,
+real worker and web processes, headless chromium's flags, a tiny model built locally, the offline demo model, and a
+clock tests move by hand.
 
 Nothing here fakes the product: ``RedisServer`` is a real ``redis-server``, ``WorkerProcess`` a real
-``python -m worker``, and the tiny model a real (random-weight) Qwen2 saved as a model folder and loaded through
-the same ``from_pretrained(path)`` as a user's model. Importing this module never imports torch or pytest.
+``python -m worker``, ``WebProcess`` a real ``python -m producer.web``, and the tiny model a real (random-weight)
+Qwen2 saved as a model folder and loaded through the same ``from_pretrained(path)`` as a user's model. Importing
+this module never imports torch or pytest.
 
     python -m worker.testing redis [--port P] [--durable DIR]    a redis-server in the foreground (CI uses it)
     python -m worker.testing smollm2                             the path of the offline demo model
@@ -184,6 +186,60 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.signal(signal.SIGKILL)
             self.proc.wait(10)
+
+
+@dataclass
+class WebProcess:
+    """``python -m producer.web`` (uvicorn) as a real child process on its own port, started when /healthz says
+    Redis answers."""
+
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> WebProcess:
+        import httpx
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "producer.web", "--port", str(self.port), "--log-level", "warning"],
+            cwd=PROJECT_ROOT, env=self.env,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"the web app did not start on port {self.port}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+# Flags that let Debian's chromium run headless as root in a container with no display, GPU or network.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+]
+
+
+def chromium_binary() -> str | None:
+    """The system's chromium (Playwright drives it; its own browser download needs the internet)."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def worker_env(redis_url: str, model: str, cache_dir: Path, **overrides: str) -> dict[str, str]:

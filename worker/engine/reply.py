@@ -44,15 +44,18 @@ class TextDeltas:
     """
 
     def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
+        # A fast tokenizer's Rust decoder directly: the same text, without the Python wrapper's cost on every token
+        # (it runs inside the decode loop).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._decode = backend.decode if backend is not None else tokenizer.decode
         self.ids: list[int] = []
         self._prefix = 0  # window start: tokens before it are decoded and said
         self._read = 0  # tokens before this are said
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        said = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
-        now = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
+        said = self._decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        now = self._decode(self.ids[self._prefix :], skip_special_tokens=True)
         if len(now) <= len(said) or now.endswith("\ufffd"):
             return ""  # nothing yet, or half a character
         self._prefix, self._read = self._read, len(self.ids)

@@ -50,7 +50,8 @@ class RedisEvents(StoreBase):
     def append_event(self, message_id: str, event_type: str, data: dict[str, Any]) -> str:
         key = self.keys.events(message_id)
         with answering():
-            pipe = self.r.pipeline(transaction=True)
+            # One round trip, no MULTI: the EXPIRE only keeps a stream from outliving a turn that expired mid-reply.
+            pipe = self.r.pipeline(transaction=False)
             pipe.xadd(key, events.entry(event_type, data), maxlen=events.EVENTS_CAP, approximate=True)
             pipe.expire(key, self.ttl)
             event_id, _ = pipe.execute()
