@@ -3,7 +3,8 @@ driven by headless chromium; the last reply is caught while it is being written.
 
     python scripts/web_screenshot.py [--out docs/web.png] [--model PATH]
 
-Needs Debian's chromium (apt-get install chromium) and the web and dev extras (Playwright). A throw-away
+Needs Debian's chromium (apt-get install chromium; fonts-wqy-microhei for the Chinese message) and the web and
+dev extras (Playwright). A throw-away
 redis-server is started on a free port.
 """
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         web = WebProcess(env=env).start()
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=browser_binary, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 860, "height": 620}, device_scale_factor=1)
+            page = browser.new_page(viewport={"width": 860, "height": 760}, device_scale_factor=1)
             page.goto(web.url)
             for i, text in enumerate(MESSAGES):
                 page.fill("#text", text)
