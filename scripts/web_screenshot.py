@@ -4,8 +4,7 @@ driven by headless chromium; the last reply is caught while it is being written.
     python scripts/web_screenshot.py [--out docs/web.png] [--model PATH]
 
 Needs Debian's chromium (apt-get install chromium; fonts-wqy-microhei for the Chinese message) and the web and
-dev extras (Playwright). A throw-away
-redis-server is started on a free port.
+dev extras (Playwright). A throw-away redis-server is started on a free port.
 """
 
 from __future__ import annotations
