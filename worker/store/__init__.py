@@ -7,8 +7,13 @@ What lives where:
 - ``base``: ``ResultsStore``, the protocol every caller codes against, and the status transitions both stores
   share (forward only, first writer wins).
 - ``codec``: a turn as a flat hash of strings, both ways.
-- ``redis``: ``RedisStore``: turns, conversations, the pending index, the bulk calls (Lua scripts).
+- ``redis``: ``RedisStore``: turns, conversations, the pending index, the bulk calls.
+- ``scripts``: the Lua scripts (creating a turn, marking it enqueued, starting a reply attempt) and their
+  arguments, shared by the blocking and the asyncio store.
 - ``memory``: ``MemoryStore``, the same in memory, on an injected clock.
+- ``events``: a turn's event stream: reading it (blocking), token events, a reply attempt's ``restart`` (a Redis
+  part and a memory part; what the events mean: ``worker.events``).
+- ``aio``: ``AsyncRedisStore``, what asyncio producers need (create, read, follow) on ``redis.asyncio``.
 - ``workers``: the worker side: heartbeats, locks, queue length (a Redis part and a memory part).
 - ``deadletters``: task messages that could not be processed (a Redis part and a memory part).
 - ``connection``: the Redis client's retry policy, and Redis errors as ``StoreUnavailable``.
