@@ -156,18 +156,33 @@ def measure_latency(stack: Stack, rounds: int) -> dict[str, Any]:
                 got = await sse_events(client, f"/messages/{r.json()['message_id']}/events")
                 first_seen = next(t for t, _, kind, _ in got if kind == "token")
                 timing = got[-1][3]["timing"]
+                first_text = next(d["text"] for _, _, kind, d in got if kind == "token")
                 rows.append({
+                    "message": text,
+                    "first_text": first_text,
                     "reply_first_token": timing["first_token_at"] - t_submit,
+                    "reply_first_text": timing["first_text_at"] - t_submit,
                     "client_first_token": first_seen - t_submit,
                 })
         return rows
 
     rows = asyncio.run(go())
-    overhead = [r["client_first_token"] - r["reply_first_token"] for r in rows]
+    overhead = [r["client_first_token"] - r["reply_first_text"] for r in rows]
     return {
         "reply_first_token_seconds": summary([r["reply_first_token"] for r in rows]),
-        "sse_first_token_seconds": summary([r["client_first_token"] for r in rows]),
+        "reply_first_text_seconds": summary([r["reply_first_text"] for r in rows]),
+        "sse_first_token_event_seconds": summary([r["client_first_token"] for r in rows]),
+        # from the reply's first text (its first whole character) to the SSE client: Redis, the web app, HTTP
         "added_by_events_and_sse_seconds": summary(overhead),
+        # from the first token: adds the wait for the rest of a character split across tokens (CJK, emoji)
+        "added_from_first_token_seconds": summary(
+            [r["client_first_token"] - r["reply_first_token"] for r in rows]
+        ),
+        "slowest": sorted(
+            ({"message": r["message"][:24], "first_text": r["first_text"], "added_seconds": round(o, 4)}
+             for r, o in zip(rows, overhead, strict=True)),
+            key=lambda r: -r["added_seconds"],
+        )[:3],
     }
 
 

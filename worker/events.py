@@ -119,12 +119,15 @@ class TokenEvents:
         self.interval = interval
         self.clock = clock
         self.events = 0
+        self.first_text_at: float | None = None  # wall time the reply's first text was there to send
         self._pending: list[str] = []
         self._last = float("-inf")
 
     def __call__(self, text: str) -> None:
         if not text:
             return
+        if self.first_text_at is None:
+            self.first_text_at = time.time()
         self._pending.append(text)
         if self.clock() - self._last >= self.interval:
             self.flush()

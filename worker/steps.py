@@ -133,6 +133,9 @@ def reply_turn(
     kept = history[len(history) - reply.history_turns :] if reply.history_turns else []
     note = "reply cut at the time bound (ALLINONE_REPLY_TIMEOUT_SECONDS)" if reply.timed_out else None
     timing = {"first_token_at": reply.first_token_at, "new_tokens": reply.new_tokens, "seconds": reply.seconds}
+    if stream is not None:
+        # later than the first token when it is part of a character (CJK, emoji: two or three tokens each)
+        timing["first_text_at"] = stream.first_text_at
     store.mark_done(
         message_id, reply.text, engine.model_id, error=note, context=[t.message_id for t in kept], timing=timing
     )
