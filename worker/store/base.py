@@ -178,8 +178,9 @@ class TurnWrites(StoreBase):
         event: tuple[str, dict[str, Any]] | None = None,
     ) -> bool:
         """Write ``fields`` on the turn (only when its status is in ``only_from``, if given), append ``event``
-        (type, data) to its stream in the same step, and refresh the expiry of the turn, its conversation and its
-        stream; True when written. :class:`UnknownMessage` when not stored."""
+        (type, data) to its stream in the same step (a terminal one also takes the turn out of the pending index),
+        and refresh the expiry of the turn, its conversation and its stream; True when written.
+        :class:`UnknownMessage` when not stored."""
         raise NotImplementedError
 
     def mark_working(self, message_id: str) -> None:

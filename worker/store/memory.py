@@ -104,6 +104,8 @@ class MemoryStore(MemoryEvents, MemoryDeadLetters, MemoryWorkers, TurnWrites):
             stored.update(fields)
             if event is not None:
                 self._xadd(message_id, *event)
+                if event[0] in events.TERMINAL:
+                    self._pending.pop(message_id, None)
             self._refresh_expiry(stored["conversation_id"], message_id)
             return True
 

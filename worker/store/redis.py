@@ -82,6 +82,9 @@ class RedisStore(RedisEvents, RedisDeadLetters, RedisWorkers, TurnWrites):
             pipe.hset(tkey, mapping=fields)
             if event is not None:
                 pipe.xadd(ekey, events.entry(*event), maxlen=events.EVENTS_CAP, approximate=True)
+                if event[0] in events.TERMINAL:
+                    # out of the pending index at the instant a reader hears it is finished
+                    pipe.zrem(self.keys.pending(), message_id)
             pipe.expire(tkey, self.ttl)
             pipe.expire(self.keys.conv(conv), self.ttl)
             pipe.expire(ekey, self.ttl)
