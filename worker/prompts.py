@@ -6,7 +6,10 @@ first tokens of the two label words. Whatever a user writes, the answer is one o
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 # The labels as the model is asked to answer them, in the order of ``LABELS``.
 LABEL_WORDS: tuple[str, str] = ("Positive", "Negative")
@@ -70,3 +73,10 @@ def neutralize(text: str, special_tokens: Iterable[str]) -> str:
         if tok in text:
             text = text.replace(tok, tok[0] + "\u200d" + tok[1:])
     return text
+
+
+def prompt_fingerprint(few_shot: Any = None) -> str:
+    """A short hash of the sentiment prompt a head's features come from."""
+    blob = json.dumps([SENTIMENT_SYSTEM, SENTIMENT_USER_HEAD, LABEL_WORDS,
+                       list(few_shot if few_shot is not None else FEW_SHOT)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
