@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     )
     sentiment_batch_size: int = Field(16, ge=1, le=512, description="Messages per forward pass on the bulk path.")
     sentiment_head: Path | None = Field(
-        None, description="A trained sentiment head (python -m worker.calibrate); absent: prompt scoring alone."
+        None, description="A trained sentiment head (python -m worker.train_head); absent: prompt scoring alone."
     )
 
     # --- Replies -------------------------------------------------------------------------------------------
