@@ -154,10 +154,9 @@ def test_train_goes_with_one_data_set(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- a real model
-# SmolLM2-135M answers "Positive" to every message with this prompt (measured: accuracy 0.50, every message
-# predicted positive), but its label-logit difference still ranks the messages better than chance (measured AUC
-# 0.578 on these 100, float32; 0.626 on all 400 en dev). The floors catch a harness, prompt or label-reading
-# regression that destroys the ranking; the Qwen-sized results are in docs/evaluation.md.
+# SmolLM2-135M answers "Positive" to nearly every message with this prompt, but its label-logit difference still
+# ranks the messages better than chance. The floors catch a harness, prompt or label-reading regression that
+# destroys the ranking; what it measures (and the Qwen-sized results) is in docs/evaluation.md, "The demo model".
 SMOLLM2_ACCURACY_FLOOR = 0.5
 SMOLLM2_AUC_FLOOR = 0.55
 
@@ -166,7 +165,7 @@ SMOLLM2_AUC_FLOOR = 0.55
 def test_smollm2_on_100_balanced_english_dev_messages_stays_above_its_floor(capsys):
     """The harness on a real instruction-tuned model (SmolLM2-135M) and the shipped English dev set.
 
-    Measured values and floors: see SMOLLM2_ACCURACY_FLOOR and SMOLLM2_AUC_FLOOR above.
+    Floors: SMOLLM2_ACCURACY_FLOOR and SMOLLM2_AUC_FLOOR above.
     """
     from pathlib import Path
 
