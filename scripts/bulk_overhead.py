@@ -53,6 +53,7 @@ def main() -> int:
 
     # 1. the engine alone, batched, as the worker's classify_batch runs it
     from worker.engine import Engine
+    from worker.store import Keys
 
     engine = Engine(Settings(model=a.model, threads=int(threads)))
     engine.load()
@@ -84,7 +85,8 @@ def main() -> int:
         )
         if a.no_wait:
             r = redis.Redis.from_url(url, decode_responses=True)
-            while any(r.hget(k, "status") not in ("done", "failed") for k in r.scan_iter("allinone:turn:*")):
+            turns = Keys(Settings.model_fields["key_prefix"].default).turn.match  # the prefix the worker runs with
+            while any(r.hget(k, "status") not in ("done", "failed") for k in r.scan_iter(turns)):
                 time.sleep(1.0)
         queue_rate = len(rows) / (time.perf_counter() - t0)
     finally:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import redis
 
-from producer.bulk import BulkJob, CelerySender, Fields, read_jsonl
+from producer.bulk import BulkJob, CelerySender, Fields, JobConfig, read_jsonl
 from worker.settings import Settings
-from worker.store import RedisStore
+from worker.store import Keys, RedisStore
 from worker.testing import PROJECT_ROOT
 
 WORDS = "the room was clean and the staff friendly but breakfast was cold and the wifi slow".split()
@@ -49,11 +49,10 @@ def measure(url: str, path: Path, rows: int, sentiment_only: bool, batch_size: i
     client = redis.Redis.from_url(url, decode_responses=True)
     store = RedisStore(client, prefix=s.key_prefix, ttl_seconds=600)
     with tempfile.TemporaryDirectory() as d:
-        job = BulkJob(
-            store=store, sender=CelerySender(s), job=f"rate-{tag}", fields=Fields(), sentiment_only=sentiment_only,
-            batch_size=batch_size, bulk_queue=s.bulk_queue, max_chars=s.max_message_chars,
-            errors_file=Path(d) / "e.jsonl", spool_path=Path(d) / "spool",
-        )
+        config = JobConfig(job=f"rate-{tag}", fields=Fields(), sentiment_only=sentiment_only,
+                           batch_size=batch_size, queue=s.bulk_queue, errors_file=Path(d) / "e.jsonl",
+                           spool_path=Path(d) / "spool")
+        job = BulkJob(config, store, CelerySender(s))
         try:
             with path.open("rb") as f:
                 t0 = time.perf_counter()
@@ -64,7 +63,7 @@ def measure(url: str, path: Path, rows: int, sentiment_only: bool, batch_size: i
             assert job.tally.enqueued == rows and queued >= expect, (job.tally, queued)
         finally:
             pipe = client.pipeline(transaction=False)
-            for pattern in (f"{s.key_prefix}:*", f"_kombu.binding*.{s.bulk_queue}"):
+            for pattern in (store.keys.everything, f"_kombu.binding*.{s.bulk_queue}"):
                 for key in client.scan_iter(pattern, count=5000):
                     pipe.unlink(key)
             pipe.unlink(s.bulk_queue)
@@ -76,7 +75,7 @@ def _mark_all_done(client: redis.Redis, prefix: str) -> int:
     """What a worker would leave on each turn of a sentiment-only job: done, with a label."""
     n = 0
     pipe = client.pipeline(transaction=False)
-    for key in client.scan_iter(f"{prefix}:turn:*", count=5000):
+    for key in client.scan_iter(Keys(prefix).turn.match, count=5000):
         n += 1
         label = "positive" if n % 3 else "negative"
         pipe.hset(key, mapping={"status": "done", "reply": "", "model": "simulated",
@@ -114,7 +113,7 @@ def measure_rss(url: str, rows: int) -> tuple[int, int]:
                 peaks.append(usage.ru_maxrss // 1024)  # KB on Linux
         finally:
             pipe = client.pipeline(transaction=False)
-            for pattern in (f"{prefix}:*", f"_kombu.binding*.{prefix}"):
+            for pattern in (Keys(prefix).everything, f"_kombu.binding*.{prefix}"):
                 for key in client.scan_iter(pattern, count=5000):
                     pipe.unlink(key)
             pipe.unlink(prefix)

@@ -10,6 +10,8 @@ import redis
 from worker.testing import RedisServer, WorkerProcess, build_tiny_model, redis_answers, worker_env
 
 TEST_DB = 13  # the machine's Redis keeps db 0 for people; tests own this one and flush it
+# Read before the environment is cleared below: it names the database these tests may flush.
+TEST_REDIS_URL = os.environ.get("ALLINONE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_DB}")
 
 # Tests never read the user's environment by accident, and never reach for the hub.
 for _k in [k for k in os.environ if k.startswith("ALLINONE_")]:
@@ -52,7 +54,7 @@ def redis_base_url() -> Iterator[str]:
 
     Outside CI a missing redis-server skips the tests that need it; in CI (CI=true) it fails them.
     """
-    url = os.environ.get("ALLINONE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_DB}")
+    url = TEST_REDIS_URL
     if redis_answers(url):
         yield url
         return

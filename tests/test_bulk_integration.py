@@ -135,13 +135,14 @@ def test_a_killed_run_resumes_to_exactly_one_result_per_good_row(stack, tmp_path
     proc.stdin.write("\n".join(lines[:35]) + "\n")
     proc.stdin.flush()
     r = redis.Redis.from_url(env["ALLINONE_REDIS_URL"])
+    turns = store.keys.turn(f"bulk:{job}:*")
     deadline = time.monotonic() + 60
-    while len(list(r.scan_iter(f"allinone:turn:bulk:{job}:*"))) < 20:
+    while len(list(r.scan_iter(turns))) < 20:
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-    stored_before = len(list(r.scan_iter(f"allinone:turn:bulk:{job}:*")))
+    stored_before = len(list(r.scan_iter(turns)))
     assert 20 <= stored_before < len(good)
     # When the same command runs again on the whole input
     again = bulk(env, "-", "--out", out, "--job", job, "--sentiment-only", "--batch-size", "4", "--timeout", "60",
@@ -150,7 +151,7 @@ def test_a_killed_run_resumes_to_exactly_one_result_per_good_row(stack, tmp_path
     assert again.returncode == 0, again.stderr[-3000:]
     res = jsonl(out)
     assert [int(x["id"]) for x in res] == good and all(x["status"] == "done" for x in res)
-    assert len(list(r.scan_iter(f"allinone:turn:bulk:{job}:*"))) == len(good)
+    assert len(list(r.scan_iter(turns))) == len(good)
     s = summary(again)
     assert s["already_done"] + s["enqueued"] == len(good) and s["enqueued"] >= len(good) - stored_before
     assert len(jsonl(tmp_path / "r.errors.jsonl")) == len(lines) - len(good)
@@ -170,7 +171,7 @@ def test_an_interrupted_wait_resumes_without_enqueuing_again(stack, tmp_path):
                             stderr=subprocess.PIPE, text=True)
     r = redis.Redis.from_url(env["ALLINONE_REDIS_URL"])
     deadline = time.monotonic() + 60
-    while len(list(r.scan_iter("allinone:turn:bulk:w-*"))) < 8:
+    while len(list(r.scan_iter(store.keys.turn("bulk:w-*")))) < 8:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)

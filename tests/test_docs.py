@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from worker.settings import Settings, markdown_table
+from worker.store import keys
 from worker.testing import PROJECT_ROOT
 
 README = (PROJECT_ROOT / "README.md").read_text()
@@ -13,6 +14,15 @@ README = (PROJECT_ROOT / "README.md").read_text()
 def test_readme_lists_every_setting_as_the_code_describes_it():
     for row in markdown_table().splitlines()[2:]:
         assert row in README, f"README settings table is stale: run python -m worker.settings\n{row}"
+
+
+def readme_section(title: str) -> str:
+    return README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_key_layout_is_the_table_the_code_declares():
+    table = "\n".join(line for line in readme_section("Redis key layout").splitlines() if line.startswith("|"))
+    assert table == keys.markdown_table(), "README key layout is stale: run python -m worker.store"
 
 
 def test_readme_first_screen_has_the_two_commands_and_they_exist():

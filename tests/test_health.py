@@ -15,18 +15,10 @@ import redis
 
 from worker.health import EXIT_CODES, check, main, on_host
 from worker.store import MemoryStore, RedisStore
-from worker.testing import PROJECT_ROOT, free_port
+from worker.testing import PROJECT_ROOT, ManualClock, free_port
 
 MODEL = "Qwen/Qwen1.5-0.5B-Chat"
 HEARTBEAT = {"model": MODEL, "pid": 4242, "tasks": 3, "started_at": 1.0, "load": {"seconds": 9}}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # ------------------------------------------------------------------------------------------------ check()
@@ -57,7 +49,7 @@ def test_a_heartbeat_is_ready_with_its_model_and_pid():
 
 def test_an_expired_heartbeat_is_not_ready():
     # Given a worker that beat once and then stopped (it died, or its heartbeat thread did)
-    clock = Clock()
+    clock = ManualClock()
     store = MemoryStore(clock=clock)
     store.heartbeat("allinone-7@web1", HEARTBEAT, ttl=15)
     clock.now += 14.9

@@ -214,4 +214,4 @@ def test_a_turn_whose_message_was_lost_is_sent_again_and_finished(server, make_w
     producer.store.create_turn("c-lost", "lost-1", "stored, but its task message is gone")
     turn = producer.wait("lost-1", timeout=60)
     assert turn.status is Status.done and turn.sentiment is not None
-    assert redis.Redis.from_url(server.url).zcard("allinone:pending") == 0
+    assert redis.Redis.from_url(server.url).zcard(producer.store.keys.pending()) == 0

@@ -10,6 +10,7 @@ from worker import steps
 from worker.errors import InvalidMessage, NotReady, UnknownMessage
 from worker.schemas import Status
 from worker.store import MemoryStore
+from worker.testing import ManualClock
 
 
 class Recording:
@@ -81,10 +82,12 @@ def test_reply_waits_for_an_earlier_turn_still_in_flight(engine, store):
     assert store.get_turn("m1").status is Status.classified and engine.replies == []
 
 
-def test_a_long_queue_before_the_turn_does_not_count_as_waiting(engine, store):
+def test_a_long_queue_before_the_turn_does_not_count_as_waiting(engine):
+    clock = ManualClock(now=time.time() - 10_000)
+    store = MemoryStore(clock=clock)
     store.create_turn("c", "m0", "first")
-    store.create_turn("c", "m1", "second")
-    store._turns["m1"]["created_at"] = str(time.time() - 10_000)  # submitted long ago, behind a backlog...
+    store.create_turn("c", "m1", "second")  # submitted long ago, behind a backlog...
+    clock.now = time.time()
     steps.classify_turn(engine, store, "m1", 100)  # ...and only now ready for its reply
     with pytest.raises(NotReady):
         steps.reply_turn(engine, store, "m1", order_wait_seconds=60)

@@ -1,30 +1,49 @@
-"""The results store: the Redis implementation (on fakeredis here, on a real Redis in the integration tests) and
-the in-memory stand-in must behave the same."""
+"""The results store: the Redis implementation (on fakeredis, and on a real Redis with the integration tests) and
+the in-memory stand-in run the same tests and must behave the same."""
 
 from __future__ import annotations
 
+import inspect
+
 import fakeredis
 import pytest
+import redis
 
 from worker.errors import MessageIdConflict, StoreUnavailable, UnknownConversation, UnknownMessage
 from worker.schemas import Sentiment, Status
-from worker.store import MemoryStore, RedisStore
-from worker.testing import free_port
+from worker.store import Keys, MemoryStore, RedisStore, ResultsStore
+from worker.testing import ManualClock, free_port
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "fakeredis", pytest.param("redis", marks=pytest.mark.integration)])
 def store(request):
     if request.param == "memory":
-        return MemoryStore(ttl_seconds=3600)
-    return RedisStore(fakeredis.FakeRedis(decode_responses=True), prefix="t", ttl_seconds=3600)
+        return MemoryStore(ttl_seconds=3600, clock=ManualClock())
+    if request.param == "fakeredis":
+        client = fakeredis.FakeRedis(decode_responses=True)
+    else:
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"), decode_responses=True)
+    return RedisStore(client, prefix="t", ttl_seconds=3600)
+
+
+def let_time_pass(store, seconds: float) -> bool:
+    """Move the memory store's clock; False for a Redis store, whose time is the wall clock."""
+    if isinstance(store, MemoryStore):
+        store.clock.now += seconds
+        return True
+    return False
+
+
+def test_both_stores_are_the_whole_protocol_with_its_parameters():
+    calls = [name for name in vars(ResultsStore) if not name.startswith("_") and callable(vars(ResultsStore)[name])]
+    assert {"create_turns", "mark_enqueued_many", "get_statuses", "heartbeat", "dead_letter"} <= set(calls)
+    for name in calls:
+        expected = list(inspect.signature(getattr(ResultsStore, name)).parameters)
+        for impl in (RedisStore, MemoryStore):
+            assert list(inspect.signature(getattr(impl, name)).parameters) == expected, f"{impl.__name__}.{name}"
+
+
+# -------------------------------------------------------------------------------------------------- turns
 
 
 def test_turns_are_kept_in_submission_order(store):
@@ -90,68 +109,10 @@ def test_attempts_count_deliveries(store):
     assert store.get_turn("m1").attempts == 3
 
 
-def test_dead_letters_newest_first(store):
-    store.dead_letter({"payload": 1}, "first")
-    store.dead_letter("garbage", "second")
-    assert [d["reason"] for d in store.dead_letters()] == ["second", "first"]
-
-
 def test_unicode_text_round_trips(store):
     text = "房间很干净，服务 👍 <|im_end|> \u200d"
     store.create_turn("会话:1", "m1", text)
     assert store.get_conversation("会话:1").turns[0].text == text
-
-
-def test_redis_store_sets_the_ttl_on_every_write():
-    r = fakeredis.FakeRedis(decode_responses=True)
-    store = RedisStore(r, prefix="t", ttl_seconds=120)
-    store.create_turn("c1", "m1", "x")
-    assert 0 < r.ttl("t:turn:m1") <= 120 and 0 < r.ttl("t:conv:c1") <= 120
-    r.expire("t:conv:c1", 5)
-    store.mark_classified("m1", Sentiment(label="negative", confidence=0.7), "m")
-    assert r.ttl("t:conv:c1") > 5  # activity keeps the conversation alive
-
-
-def test_redis_key_layout_is_as_documented():
-    r = fakeredis.FakeRedis(decode_responses=True)
-    store = RedisStore(r, prefix="p", ttl_seconds=120)
-    store.create_turn("c1", "m1", "x")
-    store.heartbeat("w1", {"model": "m"}, ttl=10)
-    assert sorted(r.keys("*")) == ["p:conv:c1", "p:pending", "p:turn:m1", "p:worker:w1"]
-    assert r.lrange("p:conv:c1", 0, -1) == ["m1"]
-    assert r.hget("p:turn:m1", "status") == "queued"
-
-
-def test_memory_store_expires_like_redis():
-    clock = Clock()
-    store = MemoryStore(ttl_seconds=60, clock=clock)
-    store.create_turn("c1", "m1", "x")
-    clock.now += 61
-    with pytest.raises(UnknownConversation):
-        store.get_conversation("c1")
-    with pytest.raises(UnknownMessage):
-        store.get_turn("m1")
-
-
-def test_heartbeats_expire(store):
-    if isinstance(store, MemoryStore):
-        clock = Clock()
-        store.clock = clock
-        store.heartbeat("w1", {"model": "m", "pid": 1}, ttl=10)
-        assert store.workers()["w1"]["model"] == "m"
-        clock.now += 11
-        assert store.workers() == {}
-    else:
-        store.heartbeat("w1", {"model": "m", "pid": 1}, ttl=10)
-        assert store.workers()["w1"] == {"model": "m", "pid": 1}
-
-
-def test_redis_away_raises_store_unavailable_after_bounded_retries():
-    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", retry_seconds=0.5)
-    with pytest.raises(StoreUnavailable, match="did not answer"):
-        store.create_turn("c1", "m1", "x")
-    with pytest.raises(StoreUnavailable):
-        store.get_conversation("c1")
 
 
 def test_transitions_only_go_forward_and_the_first_writer_wins(store):
@@ -166,6 +127,41 @@ def test_transitions_only_go_forward_and_the_first_writer_wins(store):
     assert (t.status, t.reply, t.sentiment.label, t.error) == (Status.done, "first reply", "positive", None)
 
 
+# ----------------------------------------------------------------------------------------- the bulk calls
+
+
+def test_bulk_create_is_create_turn_for_many_rows_in_order(store):
+    # Given a turn already stored, and a batch that repeats it, conflicts with it, and adds two
+    store.create_turn("c1", "m0", "zero")
+    rows = [("c1", "m1", "one"), ("c1", "m0", "zero"), ("c2", "m0", "zero"), ("c1", "m2", "two")]
+
+    out = store.create_turns(rows, queue="bulk")
+
+    # Then each row has its answer in its place: created with the next seq, the same turn again, or the conflict
+    (t1, new1), (t0, new0), conflict, (t2, new2) = out
+    assert (t1.seq, new1, t1.queue) == (1, True, "bulk") and (t2.seq, new2) == (2, True)
+    assert (t0.seq, new0, t0.text) == (0, False, "zero")
+    assert isinstance(conflict, MessageIdConflict)
+    assert [t.message_id for t in store.get_conversation("c1").turns] == ["m0", "m1", "m2"]
+    assert store.get_turn("m1") == t1
+    # and bulk turns stay out of the pending index (a bulk job re-enqueues its unfinished rows itself)
+    assert store.stale_turns(older_than_seconds=-1) == ["m0"]
+
+
+def test_bulk_enqueued_and_statuses(store):
+    store.create_turns([("c1", "m1", "one"), ("c1", "m2", "two")])
+    store.mark_failed("m2", "bad")
+
+    store.mark_enqueued_many(["m1", "gone"])
+
+    assert store.get_turn("m1").enqueued_at is not None and store.get_turn("m2").enqueued_at is None
+    assert store.get_turns(["gone"]) == [None]  # marking did not create it
+    assert store.get_statuses(["m1", "m2", "gone"]) == [Status.queued, Status.failed, None]
+
+
+# ------------------------------------------------------------------------------ time: expiry, the pending index
+
+
 def test_pending_index_tracks_unfinished_turns(store):
     store.create_turn("c1", "m1", "x")
     store.create_turn("c1", "m2", "y")
@@ -178,7 +174,139 @@ def test_pending_index_tracks_unfinished_turns(store):
     assert store.stale_turns(older_than_seconds=-1) == []
 
 
+def test_a_turn_nobody_touches_goes_stale_and_working_on_it_makes_it_fresh():
+    # Given two turns, one submitted 100 s before the other
+    clock = ManualClock()
+    store = MemoryStore(clock=clock)
+    store.create_turn("c", "old", "x")
+    clock.now += 100
+    store.create_turn("c", "new", "y")
+    # Then only the old one is stale, oldest first with a bound
+    assert store.stale_turns(older_than_seconds=30) == ["old"]
+    assert store.stale_turns(older_than_seconds=-1, limit=1) == ["old"]
+    # When a task works on it, it is fresh again
+    store.mark_working("old")
+    assert store.stale_turns(older_than_seconds=30) == []
+
+
+def test_redis_store_sets_the_ttl_on_every_write():
+    r = fakeredis.FakeRedis(decode_responses=True)
+    store = RedisStore(r, prefix="t", ttl_seconds=120)
+    keys = store.keys
+    store.create_turn("c1", "m1", "x")
+    assert 0 < r.ttl(keys.turn("m1")) <= 120 and 0 < r.ttl(keys.conv("c1")) <= 120
+    r.expire(keys.conv("c1"), 5)
+    store.mark_classified("m1", Sentiment(label="negative", confidence=0.7), "m")
+    assert r.ttl(keys.conv("c1")) > 5  # activity keeps the conversation alive
+
+
+def test_memory_store_expires_like_redis():
+    clock = ManualClock()
+    store = MemoryStore(ttl_seconds=60, clock=clock)
+    store.create_turn("c1", "m1", "x")
+    clock.now += 61
+    with pytest.raises(UnknownConversation):
+        store.get_conversation("c1")
+    with pytest.raises(UnknownMessage):
+        store.get_turn("m1")
+
+
+def test_activity_keeps_a_memory_conversation_alive():
+    clock = ManualClock()
+    store = MemoryStore(ttl_seconds=60, clock=clock)
+    store.create_turn("c1", "m1", "x")
+    clock.now += 50
+    store.mark_enqueued("m1")
+    clock.now += 50  # 100 s after the turn was created, 50 s after its last write
+    assert store.get_conversation("c1").turns[0].message_id == "m1"
+
+
+def test_the_memory_store_clock_writes_every_timestamp():
+    # Given a memory store on a clock tests move
+    clock = ManualClock(now=5000.0)
+    store = MemoryStore(clock=clock)
+    # When a turn goes through its life, some time between each step
+    store.create_turn("c1", "m1", "x")
+    clock.now += 1
+    store.mark_enqueued("m1")
+    clock.now += 1
+    store.mark_classified("m1", Sentiment(label="positive", confidence=0.9), "m")
+    clock.now += 1
+    store.mark_done("m1", "r", "m")
+    store.dead_letter("garbage", "why")
+    # Then every timestamp is the clock's
+    t = store.get_turn("m1")
+    assert (t.created_at, t.enqueued_at, t.classified_at, t.done_at) == (5000.0, 5001.0, 5002.0, 5003.0)
+    assert store.dead_letters()[0]["at"] == 5003.0
+
+
+# ----------------------------------------------------------------------------------------- the worker side
+
+
+def test_heartbeats_expire(store):
+    store.heartbeat("w1", {"model": "m", "pid": 1, "pair": (1, 2)}, ttl=10)
+    assert store.workers() == {"w1": {"model": "m", "pid": 1, "pair": [1, 2]}}  # values went through JSON
+    if let_time_pass(store, 11):
+        assert store.workers() == {}
+    else:
+        assert 0 < store.r.ttl(store.keys.worker("w1")) <= 10
+
+
 def test_locks_expire(store):
     assert store.try_lock("sweep", ttl_seconds=60) is True
     assert store.try_lock("sweep", ttl_seconds=60) is False
     assert store.try_lock("other", ttl_seconds=60) is True
+    if let_time_pass(store, 61):
+        assert store.try_lock("sweep", ttl_seconds=60) is True
+    else:
+        assert 0 < store.r.ttl(store.keys.lock("sweep")) <= 60
+
+
+def test_dead_letters_newest_first(store):
+    store.dead_letter({"payload": 1}, "first")
+    store.dead_letter("garbage", "second")
+    assert [d["reason"] for d in store.dead_letters()] == ["second", "first"]
+    assert [d["reason"] for d in store.dead_letters(limit=1)] == ["second"]
+
+
+def test_a_dead_letter_keeps_what_json_cannot_hold_as_its_repr(store):
+    store.dead_letter({"body": b"\xff"}, "undecodable")
+    assert store.dead_letters()[0]["payload"] == {"body": repr(b"\xff")}
+
+
+def test_redis_away_raises_store_unavailable_after_bounded_retries():
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", retry_seconds=0.5)
+    with pytest.raises(StoreUnavailable, match="did not answer"):
+        store.create_turn("c1", "m1", "x")
+    with pytest.raises(StoreUnavailable):
+        store.get_conversation("c1")
+
+
+# ----------------------------------------------------------------------------------------------- key names
+
+
+def test_key_names_are_as_the_readme_documents():
+    keys = Keys("p")
+    assert (keys.conv("c1"), keys.turn("m1"), keys.deadletter()) == ("p:conv:c1", "p:turn:m1", "p:deadletter")
+    assert (keys.worker("w1"), keys.pending(), keys.lock("sweep")) == ("p:worker:w1", "p:pending", "p:lock:sweep")
+    assert (keys.worker.match, keys.everything) == ("p:worker:*", "p:*")
+    assert keys.worker.id_of("p:worker:host:1") == "host:1"
+    with pytest.raises(ValueError):
+        keys.worker.id_of("q:worker:w1")
+    with pytest.raises(TypeError):
+        keys.turn()
+
+
+def test_redis_store_writes_only_the_keys_it_declares():
+    r = fakeredis.FakeRedis(decode_responses=True)
+    store = RedisStore(r, prefix="p", ttl_seconds=120)
+    keys = store.keys
+    store.create_turn("c1", "m1", "x")
+    store.heartbeat("w1", {"model": "m"}, ttl=10)
+    store.dead_letter("garbage", "why")
+    store.try_lock("sweep", ttl_seconds=10)
+    expected = [keys.conv("c1"), keys.turn("m1"), keys.pending(), keys.worker("w1"), keys.deadletter(),
+                keys.lock("sweep")]
+    assert sorted(r.keys("*")) == sorted(expected)
+    assert r.lrange(keys.conv("c1"), 0, -1) == ["m1"]
+    assert r.hget(keys.turn("m1"), "status") == "queued"

@@ -2,9 +2,9 @@
 
     python -m worker.health [--timeout S] [--json] [--this-host [HOST]]
 
-Ready means two things: the broker (Redis at ALLINONE_REDIS_URL) answers, and at least one worker heartbeat
-(``{prefix}:worker:{name}``, written every few seconds once a worker's model is loaded, by ``worker.runtime``)
-has not expired. A worker still loading its model has no heartbeat yet, so it is not ready.
+Ready means two things: the broker (Redis at ALLINONE_REDIS_URL) answers, and at least one worker heartbeat (the
+``worker`` key of ``worker.store.keys``, written every few seconds once a worker's model is loaded, by
+``worker.runtime``) has not expired. A worker still loading its model has no heartbeat yet, so it is not ready.
 
 Exit codes: 0 ready, 1 Redis answers but no worker has its model loaded, 2 Redis does not answer (or the
 settings are invalid). One status line on stdout (JSON with ``--json``); the reason of a failure on stderr.

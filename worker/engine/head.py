@@ -4,14 +4,17 @@ The sentiment prompt's forward pass ends in a final hidden state at the message'
 just two rows of the LM head from it. A head reads the whole state (and, optionally, the two label logits and the
 states of inner layers at the same token), standardised with the train statistics, through one trained linear
 layer: a classifier-grade probe at the cost of one dot product, on the same forward pass, with the one model in
-memory. ``python -m worker.calibrate`` trains it.
+memory. ``python -m worker.train_head`` trains it.
 
 Features: ``hidden`` (final, normed state), ``logits`` (the two label logits), ``layerN`` (the residual stream after
 decoder layer N). Middle layers carry more of a message's sentiment than the last one, which is shaped for
 predicting the next token.
 
 On disk: one safetensors file (weight, bias, mean, std; float32; a few KB) whose metadata names the features, the
-hidden size and the model it was trained on.
+hidden size, and in ``meta`` the model it was trained on (``"model"``: its identity, ``{"name", "fingerprint"}``,
+see :mod:`worker.engine.identity`) and the sentiment prompt's fingerprint (``"prompt"``,
+:func:`worker.prompts.prompt_fingerprint`). The engine refuses a head whose model or prompt is not the loaded one:
+its features would mean something else.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from worker.errors import HeadError
+
+if TYPE_CHECKING:
+    from worker.engine.identity import ModelIdentity
+
+FIX = "train a head for this model with python -m worker.train_head, or unset ALLINONE_SENTIMENT_HEAD"
 
 
 def layer_of(name: str) -> int | None:
@@ -90,19 +98,36 @@ class SentimentHead:
         return feature_layers(self.features)
 
     # ---------------------------------------------------------------------------------------- inference
-    def check_model(self, hidden_size: int, num_layers: int) -> None:
-        """Refuse a head trained on a model of another shape, saying what to do."""
-        trained_on = self.meta.get("model", "another model")
-        fix = "train a head for this model with python -m worker.calibrate, or unset ALLINONE_SENTIMENT_HEAD"
+    def check_model(self, *, identity: ModelIdentity, prompt: str, hidden_size: int, num_layers: int) -> None:
+        """Refuse a head trained on another model (``identity``: the loaded model's ``ModelIdentity``), under
+        another sentiment prompt (``prompt``: its fingerprint), or for another shape, saying what to do."""
+        trained_on = self.meta.get("model")
+        if not (isinstance(trained_on, dict) and trained_on.get("fingerprint")):
+            was = f", naming {trained_on!r}" if trained_on else ""
+            raise HeadError(
+                f"the sentiment head records no model identity (an older head format{was}): retrain it for "
+                f"{identity.name} with python -m worker.train_head, or unset ALLINONE_SENTIMENT_HEAD"
+            )
+        name = trained_on.get("name", "an unnamed model")
+        if trained_on["fingerprint"] != identity.fingerprint:
+            raise HeadError(
+                f"the sentiment head was trained on {name} [{trained_on['fingerprint']}] but the loaded model is "
+                f"{identity.name} [{identity.fingerprint}]: {FIX}"
+            )
+        if self.meta.get("prompt") != prompt:
+            raise HeadError(
+                f"the sentiment head was trained under the sentiment prompt {self.meta.get('prompt')!r} but this "
+                f"engine's prompt is {prompt!r} (its instruction, label words or few-shot turns changed): {FIX}"
+            )
         if hidden_size != self.hidden_size:
             raise HeadError(
-                f"the sentiment head expects hidden size {self.hidden_size} ({trained_on}) but the loaded model has "
-                f"{hidden_size}: {fix}"
+                f"the sentiment head expects hidden size {self.hidden_size} ({name}) but the loaded model has "
+                f"{hidden_size}: {FIX}"
             )
         deep = [n for n in self.layers if n > num_layers]
         if deep:
-            raise HeadError(f"the sentiment head reads layer {deep[0]} ({trained_on}) but the loaded model has "
-                            f"{num_layers} layers: {fix}")
+            raise HeadError(f"the sentiment head reads layer {deep[0]} ({name}) but the loaded model has "
+                            f"{num_layers} layers: {FIX}")
 
     def logit(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
@@ -127,7 +152,8 @@ class SentimentHead:
         """Logistic regression on standardised features. ``positive``: 1 for positive, 0 for negative.
 
         Without ``c`` the inverse regularisation strength is chosen by 5-fold cross-validated log-loss, which
-        also keeps the probabilities calibrated."""
+        also keeps the probabilities calibrated. ``meta`` must name what the engine checks at load:
+        ``{"model": engine.identity.as_dict(), "prompt": prompt_fingerprint(engine.few_shot)}``."""
         import numpy as np
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import StratifiedKFold
@@ -194,7 +220,7 @@ class SentimentHead:
 
         path = Path(path).expanduser()
         if not path.is_file():
-            raise HeadError(f"ALLINONE_SENTIMENT_HEAD names no file: {path} (train one: python -m worker.calibrate)")
+            raise HeadError(f"ALLINONE_SENTIMENT_HEAD names no file: {path} (train one: python -m worker.train_head)")
         try:
             with safe_open(str(path), framework="pt") as f:
                 md = f.metadata() or {}

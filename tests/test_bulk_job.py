@@ -1,10 +1,10 @@
-"""Bulk back-processing without a worker: parsing, ids, resume, results. MemoryStore and fakeredis stand in for
-Redis; a fake sender stands in for the broker (and, where a test needs results, for the worker too)."""
+"""A bulk run without a worker: enqueue, resume, collect, results and errors files, through ``cmd_bulk`` as the
+command line runs it. MemoryStore and fakeredis stand in for Redis; a fake sender stands in for the broker (and,
+where a test needs results, for the worker too)."""
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 from pathlib import Path
 
@@ -19,11 +19,6 @@ from worker.settings import Settings
 from worker.store import MemoryStore, RedisStore
 
 MAX = 100
-
-
-def rows_of(data: bytes, fmt: str = "jsonl", fields: bulk.Fields | None = None) -> list:
-    reader = bulk.read_jsonl if fmt == "jsonl" else bulk.read_csv
-    return list(reader(io.BytesIO(data), fields or bulk.Fields(), MAX))
 
 
 class FakeSender:
@@ -65,124 +60,6 @@ def run_cli(tmp_path: Path, args: list[str], store, sender, capsys=None) -> tupl
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
-
-
-# ------------------------------------------------------------------------------------------------ parsing
-
-
-def test_jsonl_bad_rows_are_reported_with_their_line_and_reason():
-    # Given a JSONL file mixing good rows with every kind of bad one
-    data = b"\n".join([
-        b'{"id": 1, "text": "good one"}',
-        b'{"id": 2, "text": ""}',
-        b"not json at all",
-        b"[1, 2]",
-        b'{"id": 3, "text": 42}',
-        b'{"id": 4}',
-        b"",
-        b'{"id": 5, "text": "' + b"x" * (MAX + 1) + b'"}',
-        b'{"id": 6, "text": "bad bytes \xff\xfe here"}',
-        b'{"id": [1], "text": "list id"}',
-        b'{"text": "no id: keyed by its line"}',
-    ]) + b"\n"
-    # When it is read
-    rows = rows_of(data)
-    # Then good rows come out as rows, bad ones as reasons, all with their line numbers, in order
-    got = [(r.line, r.reason if isinstance(r, bulk.BadRow) else "ok") for r in rows]
-    assert got == [
-        (1, "ok"),
-        (2, "text is empty"),
-        (3, "broken JSON at column 1: Expecting value"),
-        (4, "a line must be a JSON object, got list"),
-        (5, "text must be a string, got int"),
-        (6, "no text (field 'text')"),
-        (8, f"text is {MAX + 1} characters long; the limit is {MAX} (ALLINONE_MAX_MESSAGE_CHARS)"),
-        (9, "text holds unpaired surrogates: not valid Unicode"),
-        (10, "id field 'id' must be a string or an integer, got list"),
-        (11, "ok"),
-    ]
-    assert rows[0].input_id == "1" and rows[-1].input_id is None
-
-
-def test_a_line_over_the_byte_limit_is_skipped_without_being_read_whole():
-    limit = bulk.line_limit(MAX)
-    data = b'{"text": "a"}\n' + b"y" * (limit * 3) + b"\n" + b'{"text": "b"}\n'
-    rows = rows_of(data)
-    assert [(r.line, getattr(r, "reason", r.text if isinstance(r, bulk.Row) else None)) for r in rows] == [
-        (1, "a"), (2, f"line is longer than {limit} bytes"), (3, "b"),
-    ]
-
-
-def test_csv_bad_rows_are_reported_with_their_line_and_reason():
-    # Given a CSV with a BOM, a multi-line quoted text, short and broken rows
-    data = (
-        b"\xef\xbb\xbfid,text,conv\n"
-        b"1,hello,c1\n"
-        b'2,"two\nlines",c1\n'
-        b"3,short\n"
-        b"4,,c2\n"
-        b'5,"bad"x,c2\n'
-        b"6,fine,c3\n"
-    )
-    rows = rows_of(data, "csv", bulk.Fields(conversation="conv"))
-    got = [(r.line, r.reason if isinstance(r, bulk.BadRow) else r.text) for r in rows]
-    assert got == [
-        (2, "hello"),
-        (3, "two\nlines"),
-        (5, "expected 3 fields (as the header), got 2"),
-        (6, "text is empty"),
-        (7, "broken CSV: ',' expected after '\"'"),
-        (8, "fine"),
-    ]
-    assert [r.conversation for r in rows if isinstance(r, bulk.Row)] == ["c1", "c1", "c3"]
-
-
-def test_csv_without_the_text_column_is_refused_up_front():
-    with pytest.raises(InvalidMessage, match="no column 'body'"):
-        rows_of(b"id,text\n1,a\n", "csv", bulk.Fields(text="body"))
-
-
-def test_csv_without_an_id_column_keys_rows_by_line():
-    rows = rows_of(b"text\nfirst\nsecond\n", "csv")
-    assert [(r.line, r.input_id) for r in rows] == [(2, None), (3, None)]
-
-
-def test_timestamps_epoch_millis_and_iso_are_read():
-    assert bulk.parse_timestamp(1_700_000_000) == 1_700_000_000
-    assert bulk.parse_timestamp(1_700_000_000_000) == 1_700_000_000
-    assert bulk.parse_timestamp("2024-01-01T00:00:00Z") == 1704067200
-    assert bulk.parse_timestamp("2024-01-01 00:00:00") == 1704067200
-    assert bulk.parse_timestamp("yesterday") is None and bulk.parse_timestamp(True) is None
-
-
-def test_format_is_taken_from_the_name_or_sniffed():
-    assert bulk.sniff_format("a.jsonl", b"") == "jsonl" and bulk.sniff_format("a.csv.gz", b"{") == "csv"
-    assert bulk.sniff_format("-", b'\xef\xbb\xbf {"text": 1}') == "jsonl"
-    assert bulk.sniff_format("-", b"id,text") == "csv"
-
-
-# -------------------------------------------------------------------------------------------------- ids
-
-
-def test_message_ids_are_deterministic_and_readable():
-    job = bulk.default_job("data/feedback.jsonl", "jsonl", bulk.Fields(), True)
-    assert job == bulk.default_job("data/feedback.jsonl", "jsonl", bulk.Fields(), True)
-    assert job.startswith("feedback-")
-    # other options, another job: its rows never collide with this one's
-    assert job != bulk.default_job("data/feedback.jsonl", "jsonl", bulk.Fields(), False)
-    assert job != bulk.default_job("data/other.jsonl", "jsonl", bulk.Fields(), True)
-    assert bulk.message_id("j", bulk.Row(7, "t", "42")) == "bulk:j:i:42"
-    assert bulk.message_id("j", bulk.Row(7, "t")) == "bulk:j:L:7"
-    odd = bulk.message_id("j", bulk.Row(7, "t", "an id with spaces"))
-    assert odd.startswith("bulk:j:h:") and odd == bulk.message_id("j", bulk.Row(9, "u", "an id with spaces"))
-
-
-def test_rows_are_their_own_conversation_unless_a_field_groups_them():
-    assert bulk.conversation_id("j", bulk.Row(1, "t", "5")) == "bulk:j:i:5"
-    assert bulk.conversation_id("j", bulk.Row(1, "t", "5", "u-9")) == "bulk:j:c:i:u-9"
-
-
-# ----------------------------------------------------------------------------------------- enqueue, resume
 
 
 @pytest.fixture(params=["memory", "fakeredis"])
@@ -335,13 +212,6 @@ def test_bad_options_are_refused(tmp_path, store):
             run_cli(tmp_path, args, store, FakeSender())
 
 
-def test_time_buckets_coarsen_to_stay_bounded():
-    b = bulk.TimeBuckets(max_buckets=10)
-    for i in range(100):
-        b.add(1_700_000_000 + 60 * i, "positive")
-    assert len(b.counts) <= 10 and sum(c["positive"] for c in b.counts.values()) == 100
-
-
 def test_the_store_bulk_calls_behave_alike(store):
     out = store.create_turns([("c", "m1", "a"), ("c", "m2", "b"), ("c", "m1", "a"), ("c", "m2", "other")])
     assert [(o[0].seq, o[1]) for o in out[:3]] == [(0, True), (1, True), (0, False)]
@@ -349,3 +219,59 @@ def test_the_store_bulk_calls_behave_alike(store):
     store.mark_enqueued_many(["m1", "missing"])
     assert store.get_turn("m1").enqueued_at is not None
     assert store.get_statuses(["m1", "missing"]) == [Status.queued, None]
+
+
+class RecordingProgress:
+    """A Progress that remembers every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def enqueued(self, rows: int, bad: int) -> None:
+        self.calls.append(("enqueued", (rows, bad)))
+
+    def enqueue_ended(self, rows: int) -> None:
+        self.calls.append(("enqueue_ended", (rows,)))
+
+    def total_known(self, good: int) -> None:
+        self.calls.append(("total_known", (good,)))
+
+    def finished(self, n: int) -> None:
+        self.calls.append(("finished", (n,)))
+
+    def of(self, name: str) -> list[tuple[int, ...]]:
+        return [args for n, args in self.calls if n == name]
+
+
+def test_a_run_reports_its_progress_and_writes_results_in_input_order(tmp_path, store):
+    # Given 7 rows (2 bad) read in chunks of 3, and a worker that answers at once
+    lines = [json.dumps({"id": i, "text": f"row {i}"}) if i not in (2, 5) else "{broken" for i in range(7)]
+    src = write(tmp_path, "in.jsonl", lines)
+    config = bulk.JobConfig(job="p", fields=bulk.Fields(), sentiment_only=True, batch_size=2, queue="bulk",
+                            errors_file=tmp_path / "e.jsonl", spool_path=tmp_path / "spool", chunk_rows=3)
+    config.spool_path.write_bytes(b"")
+    progress = RecordingProgress()
+    job = bulk.BulkJob(config, store, FakeSender(store, worker=True), progress)
+    writer = bulk.ResultsWriter(tmp_path / "r.jsonl", as_csv=False)
+    # When the job runs (enqueue in a thread, collect here)
+    with src.open("rb") as f:
+        assert job.run(bulk.read_jsonl(f, bulk.Fields(), MAX), writer, timeout=10) is True
+    writer.close()
+    # Then the progress heard of every chunk, the end of enqueuing, the total to expect, and every finished row
+    assert progress.of("enqueued") == [(3, 1), (3, 1), (1, 0)]
+    assert progress.of("enqueue_ended") == [(7,)]
+    assert set(progress.of("total_known")) == {(5,)}
+    assert sum(n for (n,) in progress.of("finished")) == 5
+    # and the results are the good rows, in input order; the bad ones are in the errors file
+    assert [r["id"] for r in read_jsonl(tmp_path / "r.jsonl")] == ["0", "1", "3", "4", "6"]
+    assert [e["line"] for e in read_jsonl(config.errors_file)] == [3, 6]
+
+
+def test_without_a_progress_a_job_shows_nothing_and_still_runs(tmp_path, store):
+    config = bulk.JobConfig(job="q", fields=bulk.Fields(), sentiment_only=True, batch_size=8, queue="bulk",
+                            errors_file=tmp_path / "e.jsonl", spool_path=tmp_path / "spool")
+    config.spool_path.write_bytes(b"")
+    job = bulk.BulkJob(config, store, FakeSender())
+    job.enqueue([bulk.Row(1, "hello", "a"), bulk.BadRow(2, "text is empty")])
+    assert isinstance(job.progress, bulk.NoProgress) and job.enqueue_done.is_set()
+    assert (job.tally.rows, job.tally.bad, job.tally.enqueued) == (2, 1, 1)

@@ -1,0 +1,200 @@
+"""The engine: the one model of a worker process, its lifecycle, and the two jobs it does.
+
+``Engine(settings)`` is cheap. ``load()`` runs once: threads -> weights (and their identity) -> CPU tuning ->
+sentiment prefix -> head, logged before and after. Then ``classify``/``score`` (:mod:`worker.engine.sentiment`) and
+``reply`` (:mod:`worker.engine.reply`) as often as needed; this class only holds the pieces and hands each call
+the settings it runs under.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker import prompts
+from worker.engine import cpu, loading
+from worker.engine.head import SentimentHead
+from worker.engine.identity import ModelIdentity, identify
+from worker.engine.loading import LoadReport
+from worker.engine.reply import Replier, Reply
+from worker.engine.sentiment import Scores, SentimentPipeline
+from worker.errors import HeadError
+from worker.schemas import Sentiment
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Owns the tokenizer and the model. Not thread-safe: one worker process, one task at a time."""
+
+    def __init__(self, settings: Settings, few_shot: tuple[tuple[str, str], ...] | None = None) -> None:
+        self.settings = settings
+        self.few_shot = prompts.FEW_SHOT if few_shot is None else few_shot
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self.report: LoadReport | None = None
+        self.head: SentimentHead | None = None
+        self._sentiment: SentimentPipeline | None = None
+        self._replier: Replier | None = None
+        self._identity: ModelIdentity | None = None
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    @property
+    def model_id(self) -> str:
+        return self.settings.model
+
+    def load(self) -> LoadReport:
+        """Load tokenizer and weights once, then prepare the sentiment prefix and the head. Logs before and after."""
+        if self.report is not None:
+            return self.report
+        s = self.settings
+        dtype = loading.load_dtype(s)
+        cpu.set_threads(s.threads)
+        log.info("loading model %s (dtype %s, %d threads, quantize %s)", s.model, dtype, s.threads, s.quantize)
+        t0 = time.perf_counter()
+        loaded = loading.load_weights(s, dtype)
+        self.tokenizer = loaded.tokenizer
+        self._identity = identify(s.model, loaded.model)
+        self.model = cpu.tune(loaded.model, s, dtype)
+        loaded.model = None  # int8 quantisation made a new model: let the float one go
+        self._sentiment = SentimentPipeline(self.tokenizer, self.model, self.few_shot)
+        self._replier = Replier(self.tokenizer, self.model)
+        if s.sentiment_head is not None:
+            self.head = self._load_head(s.sentiment_head)
+        self.report = LoadReport(
+            model=s.model,
+            source=loaded.source,
+            dtype=str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            threads=torch.get_num_threads(),
+            seconds=round(time.perf_counter() - t0, 3),
+            rss_bytes=loading.rss_bytes(),
+            weights_bytes=loading.weights_bytes(self.model),
+            from_cache=loaded.from_cache,
+            prefix_tokens=len(self._sentiment.prefix_ids),
+            quantize=s.quantize,
+            identity=self._identity,
+        )
+        r = self.report
+        log.info(
+            "model loaded: %s from %s in %.1f s (%s, %d threads, RSS %.0f MiB, weights %.0f MiB, %s); identity %s",
+            s.model,
+            r.source,
+            r.seconds,
+            r.dtype,
+            r.threads,
+            r.rss_bytes / 2**20,
+            r.weights_bytes / 2**20,
+            "converted-weights cache" if r.from_cache else "no cache",
+            r.identity,
+        )
+        return r
+
+    def _load_head(self, path: str | Path) -> SentimentHead:
+        head = SentimentHead.load(path)
+        try:
+            head.check_model(
+                identity=self.identity,
+                prompt=prompts.prompt_fingerprint(self.few_shot),
+                hidden_size=self.hidden_size,
+                num_layers=self.num_layers,
+            )
+        except HeadError as e:
+            raise HeadError(f"{path}: {e}") from e
+        return head
+
+    def _require_loaded(self) -> None:
+        if not self.loaded:
+            raise RuntimeError("Engine.load() must run before classify() or reply()")
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The loaded model's name and weights fingerprint (what a sentiment head is checked against)."""
+        self._require_loaded()
+        assert self._identity is not None
+        return self._identity
+
+    @property
+    def sentiment(self) -> SentimentPipeline:
+        """The sentiment pipeline (preprocess -> forward -> postprocess) on this model's cached prefix."""
+        self._require_loaded()
+        assert self._sentiment is not None
+        return self._sentiment
+
+    @property
+    def replier(self) -> Replier:
+        """What writes replies with this model."""
+        self._require_loaded()
+        assert self._replier is not None
+        return self._replier
+
+    @property
+    def num_layers(self) -> int:
+        return self.sentiment.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.sentiment.hidden_size
+
+    # ------------------------------------------------------------------------------------------- sentiment
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """The inner layers whose states the loaded head reads (none without a head)."""
+        return self.head.layers if self.head is not None else ()
+
+    def message_ids(self, text: str) -> list[int]:
+        """A message's own tokens in the sentiment prompt: its text (cut to the token budget) and the suffix."""
+        return self.sentiment.message_ids(text, self.settings.sentiment_max_tokens)
+
+    def score(self, texts: list[str], batch_size: int | None = None, layers: tuple[int, ...] | None = None) -> Scores:
+        """Label logits and hidden states of many messages, batched, on the cached prefix.
+
+        ``layers``: inner layers to return the last-token state of (default: those the loaded head reads)."""
+        return self.sentiment.score(
+            texts,
+            batch_size=batch_size or self.settings.sentiment_batch_size,
+            max_tokens=self.settings.sentiment_max_tokens,
+            layers=self.feature_layers if layers is None else tuple(layers),
+        )
+
+    def score_plain(self, text: str) -> Scores:
+        """The reference: the whole prompt in one ordinary forward pass (tests and the benchmark compare)."""
+        return self.sentiment.score_plain(text, self.settings.sentiment_max_tokens)
+
+    def classify(self, texts: list[str], batch_size: int | None = None) -> list[Sentiment]:
+        """Positive or negative, with a confidence, for each text (batched on the cached prefix)."""
+        if not texts:
+            return []
+        return self.sentiments(self.score(texts, batch_size=batch_size))
+
+    def prompt_p_positive(self, scores: Scores) -> torch.Tensor:
+        """P(positive) from the two label logits alone (the prompt, without a head)."""
+        return scores.p_positive
+
+    def sentiments(self, scores: Scores) -> list[Sentiment]:
+        """Labels and confidences from scores: the head's probability when one is loaded, else the prompt's."""
+        return self.sentiment.sentiments(scores, self.head)
+
+    # ------------------------------------------------------------------------------------------- replies
+    def count_tokens(self, text: str) -> int:
+        return self.replier.count_tokens(text)
+
+    def fit_history(self, history: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The most recent earlier turns whose tokens fit the history budget, oldest first."""
+        return self.replier.fit_history(history, self.settings.history_tokens)
+
+    def reply_prompt_ids(self, history: list[tuple[str, str]], text: str) -> tuple[torch.Tensor, int]:
+        """The reply prompt's token ids [1, T] and how many earlier turns it holds."""
+        return self.replier.prompt_ids(history, text, self.settings)
+
+    def reply(self, history: list[tuple[str, str]], text: str) -> Reply:
+        """A chat reply to ``text`` that sees the earlier (user, reply) turns that fit the history budget."""
+        return self.replier.reply(history, text, self.settings)

@@ -1,0 +1,192 @@
+"""Sentiment in one forward pass, as three stages: preprocess -> forward -> postprocess.
+
+At load, the sentiment prompt's fixed part (instruction and few-shot turns, :mod:`worker.prompts`) runs once and its
+key/value cache is kept (:class:`SentimentPipeline` construction). Then, for a list of messages:
+
+- **preprocess**: each message becomes its own tokens (cut to the token budget) followed by the prompt's suffix;
+  messages are grouped by length and right-padded into batches (:mod:`worker.engine.batching`).
+- **forward**: the decoder runs a batch on a copy of the prefix cache; we keep the final hidden state at each
+  message's last token, and the inner layers' states a head asks for.
+- **postprocess**: two rows of the LM head (the label words' first tokens) turn a hidden state into two logits
+  (two dot products instead of a vocabulary-wide projection); :meth:`SentimentPipeline.sentiments` turns scores into
+  labels, through the sentiment head when one is loaded.
+
+:meth:`SentimentPipeline.score_plain` is the reference the fast path is tested against: the whole prompt in one
+ordinary forward pass, full LM head, no cache, no batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from worker import prompts
+from worker.engine.batching import length_batches, right_pad
+from worker.errors import ModelLoadError
+from worker.schemas import Sentiment
+
+
+@dataclass
+class Scores:
+    """Raw sentiment scores of a batch: the two label logits and the hidden state they were read from."""
+
+    label_logits: torch.Tensor  # [B, 2] (positive, negative)
+    hidden: torch.Tensor  # [B, H] final hidden state at each message's last token
+    # {n: [B, H]}: the residual stream after decoder layer n at the last token, for the layers a head reads
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def p_positive(self) -> torch.Tensor:
+        return torch.softmax(self.label_logits.float(), dim=-1)[:, 0]
+
+
+@dataclass
+class Batch:
+    """Messages ready for one forward pass on the cached prefix."""
+
+    rows: list[int]  # the position of each message in the list being scored
+    input_ids: torch.Tensor  # [n, longest], right-padded
+    attention_mask: torch.Tensor  # [n, prefix + longest]
+    last: torch.Tensor  # [n]: the index of each message's last token in input_ids
+
+
+class SentimentPipeline:
+    """Scores messages on the cached sentiment prefix of one loaded model. Built once, at load."""
+
+    def __init__(self, tokenizer: Any, model: Any, few_shot: tuple[tuple[str, str], ...]) -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+        self.few_shot = few_shot
+        self.label_ids: tuple[int, int] = (self._first_token(prompts.LABEL_WORDS[0]),
+                                           self._first_token(prompts.LABEL_WORDS[1]))
+        if self.label_ids[0] == self.label_ids[1]:
+            raise ModelLoadError(f"the label words {prompts.LABEL_WORDS} start with the same token")
+        out_emb = model.get_output_embeddings()
+        # A dynamically quantised Linear exposes weight() and bias() as methods returning its (int8) tensors.
+        w = out_emb.weight() if callable(out_emb.weight) else out_emb.weight
+        if w.is_quantized:
+            w = w.dequantize()
+        b = getattr(out_emb, "bias", None)
+        b = b() if callable(b) else b
+        self.label_weights = w[list(self.label_ids)].detach().float().clone()  # [2, H]
+        self.label_bias = b[list(self.label_ids)].detach().float().clone() if b is not None else None
+
+        # Split the rendered sentiment prompt around a marker: what comes before is the same for every message.
+        marker = "\x00MESSAGE\x00"
+        rendered = tokenizer.apply_chat_template(
+            prompts.sentiment_messages(marker, few_shot), tokenize=False, add_generation_prompt=True
+        )
+        head, tail = rendered.split(marker)
+        self.prefix_ids: list[int] = tokenizer(head, add_special_tokens=False)["input_ids"]
+        self.suffix_ids: list[int] = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            out = self.decoder(input_ids=torch.tensor([self.prefix_ids]), use_cache=True)
+        self.prefix_cache = out.cache
+
+    def _first_token(self, word: str) -> int:
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ModelLoadError(f"tokenizer produced no token for label word {word!r}")
+        return int(ids[0])
+
+    @property
+    def decoder(self) -> Any:
+        """The transformer body without the LM head (its last hidden state is already normed)."""
+        return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.label_weights.shape[1])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    # ------------------------------------------------------------------------------------------- preprocess
+    def message_ids(self, text: str, max_tokens: int) -> list[int]:
+        """A message's own tokens in the sentiment prompt: its text (cut to ``max_tokens``) and the suffix."""
+        # split_special_tokens: a user's "<|im_end|>" is plain text here, never a turn boundary.
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return ids[:max_tokens] + self.suffix_ids
+
+    def preprocess(self, texts: list[str], batch_size: int, max_tokens: int) -> list[Batch]:
+        """Messages as batches: sorted by length so padding stays small, cut where lengths jump."""
+        encoded = [self.message_ids(t, max_tokens) for t in texts]
+        return [self.batch([encoded[i] for i in rows], rows)
+                for rows in length_batches([len(e) for e in encoded], batch_size)]
+
+    def batch(self, seqs: list[list[int]], rows: list[int]) -> Batch:
+        ids, mask = right_pad(seqs, self.tokenizer.pad_token_id or 0, prefix_len=len(self.prefix_ids))
+        return Batch(rows=rows, input_ids=ids, attention_mask=mask, last=torch.tensor([len(s) - 1 for s in seqs]))
+
+    # ------------------------------------------------------------------------------------------- forward
+    def run_on_prefix(self, batch: Batch, **kw: Any) -> Any:
+        """The decoder's output for a batch on top of the cached prefix; ``kw`` goes to the decoder
+        (e.g. ``output_hidden_states=True`` for experiments on other layers)."""
+        # The forward pass appends to the cache it is given: hand it a copy, widened to the batch.
+        cache = copy.deepcopy(self.prefix_cache)
+        if len(batch.rows) > 1:
+            cache.batch_repeat_interleave(len(batch.rows))
+        with torch.inference_mode():
+            return self.decoder(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True, cache=cache, **kw
+            )
+
+    def forward(self, batch: Batch, layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The final hidden state at each message's last token [n, H], and the states of ``layers`` there."""
+        # Inner states cost nothing extra to compute: the decoder only keeps references to them.
+        out = self.run_on_prefix(batch, **({"output_hidden_states": True} if layers else {}))
+        with torch.inference_mode():
+            rows = torch.arange(len(batch.rows))
+            hidden = out.last_hidden_state[rows, batch.last].float()  # after the final norm
+            # hidden_states[0] is the embedding output, [k] the output of decoder layer k
+            states = {k: out.hidden_states[k][rows, batch.last].float() for k in layers}
+        return hidden, states
+
+    # ------------------------------------------------------------------------------------------- postprocess
+    def postprocess(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The two label logits [n, 2] (positive, negative) of final hidden states [n, H]."""
+        lg = hidden @ self.label_weights.T
+        if self.label_bias is not None:
+            lg = lg + self.label_bias
+        return lg
+
+    def sentiments(self, scores: Scores, head: Any = None) -> list[Sentiment]:
+        """Labels and confidences: the head's probability when one is given, else the prompt's."""
+        if head is not None:
+            p_pos, method = head.p_positive(scores), "prompt+head"
+        else:
+            p_pos, method = scores.p_positive, "prompt"
+        return [Sentiment.from_p_positive(p, method) for p in p_pos.tolist()]
+
+    # ------------------------------------------------------------------------------------------- the stages
+    def score(self, texts: list[str], batch_size: int, max_tokens: int, layers: tuple[int, ...] = ()) -> Scores:
+        """Label logits and hidden states of many messages, batched, on the cached prefix, in ``texts`` order."""
+        for n in layers:
+            if not 1 <= n <= self.num_layers:
+                raise ValueError(f"layer {n} is not a layer of this model (1..{self.num_layers})")
+        logits = torch.empty(len(texts), 2)
+        hidden = torch.empty(len(texts), self.hidden_size)
+        inner = {n: torch.empty(len(texts), self.hidden_size) for n in layers}
+        for batch in self.preprocess(texts, batch_size, max_tokens):
+            hd, states = self.forward(batch, layers)
+            logits[batch.rows] = self.postprocess(hd)
+            hidden[batch.rows] = hd
+            for n in layers:
+                inner[n][batch.rows] = states[n]
+        return Scores(label_logits=logits, hidden=hidden, layers=inner)
+
+    def score_plain(self, text: str, max_tokens: int) -> Scores:
+        """The reference: the whole prompt in one ordinary forward pass, full LM head, no cache, no batch."""
+        ids = torch.tensor([self.prefix_ids + self.message_ids(text, max_tokens)])
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, output_hidden_states=True)
+        logits = out.logits[0, -1].float()
+        return Scores(
+            label_logits=logits[list(self.label_ids)].unsqueeze(0),
+            hidden=out.hidden_states[-1][0, -1:].float(),
+            layers={k: out.hidden_states[k][0, -1:].float() for k in range(1, self.num_layers + 1)},
+        )

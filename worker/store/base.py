@@ -1,0 +1,184 @@
+"""What a results store is (:class:`ResultsStore`) and the part both stores share: a turn's status transitions.
+
+Every backend is a :class:`StoreBase` (it reads time through ``_now()``, so the memory store's injected clock drives
+every timestamp it writes) and gets its transitions from :class:`TurnWrites`, written once on top of the backend's
+atomic ``_update`` primitive, the way Dramatiq's ``ResultBackend`` builds on a backend's ``_get``/``_store``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from worker.errors import MessageIdConflict, UnknownMessage
+from worker.schemas import Conversation, Sentiment, Status, Turn
+from worker.store.codec import done_fields
+
+
+class ResultsStore(Protocol):
+    """What the worker and the producers need from a results store."""
+
+    # turns ---------------------------------------------------------------------------------------------------
+    def create_turn(
+        self, conversation_id: str, message_id: str, text: str, queue: str | None = None
+    ) -> tuple[Turn, bool]:
+        """Append a queued turn; idempotent by message id. Returns (turn, created).
+
+        Raises :class:`MessageIdConflict` when the id is stored with another conversation or text."""
+        ...
+
+    def create_turns(
+        self, items: list[tuple[str, str, str]], queue: str | None = None
+    ) -> list[tuple[Turn, bool] | MessageIdConflict]:
+        """``create_turn`` for many ``(conversation_id, message_id, text)``, in list order, in one round trip.
+
+        A conflict is returned in its row's place, not raised: one bad row does not sink the others."""
+        ...
+
+    def get_turn(self, message_id: str) -> Turn:
+        """The turn; :class:`UnknownMessage` when it was never submitted or has expired."""
+        ...
+
+    def get_turns(self, message_ids: list[str]) -> list[Turn | None]:
+        """Many turns in one round trip, ``None`` for those not stored."""
+        ...
+
+    def get_statuses(self, message_ids: list[str]) -> list[Status | None]:
+        """Only the status of many turns (``None``: not stored); cheaper than ``get_turns``."""
+        ...
+
+    def get_conversation(self, conversation_id: str) -> Conversation:
+        """The conversation's turns in submission order; :class:`UnknownConversation` when there are none."""
+        ...
+
+    # status transitions (forward only; the first writer wins) --------------------------------------------------
+    def mark_enqueued(self, message_id: str) -> None:
+        """Record when the turn's task was sent."""
+        ...
+
+    def mark_enqueued_many(self, message_ids: list[str]) -> None:
+        """``mark_enqueued`` for many turns in one round trip; ids no longer stored are left alone."""
+        ...
+
+    def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> bool:
+        """Store the sentiment of a queued turn; False when another task got there first."""
+        ...
+
+    def mark_done(
+        self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
+    ) -> bool:
+        """Store the reply of an unfinished turn (``context``: the earlier turns it saw); False when it was
+        finished already."""
+        ...
+
+    def mark_failed(self, message_id: str, reason: str) -> bool:
+        """Fail an unfinished turn with the reason; False when it was finished already."""
+        ...
+
+    def bump_attempts(self, message_id: str) -> int:
+        """Count one more delivery of the turn's task; returns the count."""
+        ...
+
+    # the pending index: unfinished turns, for the stale sweep ---------------------------------------------------
+    def mark_working(self, message_id: str) -> None:
+        """A task is working on this turn now: it stays out of the stale sweep for a while."""
+        ...
+
+    def drop_pending(self, message_id: str) -> None:
+        """The turn leaves the pending index (it is finished, or gone)."""
+        ...
+
+    def stale_turns(self, older_than_seconds: float, limit: int = 100) -> list[str]:
+        """Unfinished turns that no task has touched for ``older_than_seconds``, oldest first."""
+        ...
+
+    # the worker side -------------------------------------------------------------------------------------------
+    def heartbeat(self, worker: str, info: dict[str, Any], ttl: int) -> None:
+        """This worker is alive with its model loaded, for ``ttl`` seconds."""
+        ...
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """The workers whose heartbeat has not expired, with what they last said."""
+        ...
+
+    def try_lock(self, name: str, ttl_seconds: int) -> bool:
+        """Take a lock that expires by itself (one worker at a time does a periodic chore)."""
+        ...
+
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting on a Celery queue."""
+        ...
+
+    def dead_letter(self, payload: Any, reason: str) -> None:
+        """Keep a task message that could not be processed, and why."""
+        ...
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The dead letters, newest first."""
+        ...
+
+    def ping(self) -> bool:
+        """True when the store answers."""
+        ...
+
+
+def unknown_message(message_id: str) -> UnknownMessage:
+    return UnknownMessage(f"no turn with message id {message_id!r} (never submitted, or expired)")
+
+
+class StoreBase:
+    """What every store part shares: where time comes from."""
+
+    def _now(self) -> float:
+        """Wall time; the memory store reads its injected clock instead, so tests can move time forward."""
+        return time.time()
+
+
+_OPEN = frozenset({Status.queued.value, Status.classified.value})
+
+
+class TurnWrites(StoreBase):
+    """The status transitions of a turn, written the same way by both stores.
+
+    Each store supplies ``_update`` (atomic: writes only when the turn's status is one of ``only_from``) and the
+    pending index (``mark_working``/``drop_pending``). Transitions only go forward, and the first writer wins: a
+    duplicate task racing the original can never turn ``done`` back into ``classified`` or replace a stored reply.
+    """
+
+    def _update(self, message_id: str, fields: dict[str, str], only_from: frozenset[str] | None = None) -> bool:
+        """Write ``fields`` on the turn (only when its status is in ``only_from``, if given) and refresh the
+        expiry of the turn and of its conversation; True when written. :class:`UnknownMessage` when not stored."""
+        raise NotImplementedError
+
+    def mark_working(self, message_id: str) -> None:
+        raise NotImplementedError
+
+    def drop_pending(self, message_id: str) -> None:
+        raise NotImplementedError
+
+    def mark_enqueued(self, message_id: str) -> None:
+        self._update(message_id, {"enqueued_at": str(self._now())})
+
+    def mark_classified(self, message_id: str, sentiment: Sentiment, model: str) -> bool:
+        fields = {
+            "status": Status.classified.value,
+            "sentiment": sentiment.model_dump_json(),
+            "model": model,
+            "classified_at": str(self._now()),
+        }
+        written = self._update(message_id, fields, only_from=frozenset({Status.queued.value}))
+        self.mark_working(message_id)
+        return written
+
+    def mark_done(
+        self, message_id: str, reply: str, model: str, error: str | None = None, context: list[str] | None = None
+    ) -> bool:
+        written = self._update(message_id, done_fields(reply, model, error, context, self._now()), only_from=_OPEN)
+        self.drop_pending(message_id)
+        return written
+
+    def mark_failed(self, message_id: str, reason: str) -> bool:
+        fields = {"status": Status.failed.value, "error": reason, "done_at": str(self._now())}
+        written = self._update(message_id, fields, only_from=_OPEN)
+        self.drop_pending(message_id)
+        return written
