@@ -65,6 +65,7 @@ def test_bench_runs_end_to_end_and_reports_every_number(bench_result):
     for key in KEYS:
         assert result[key] > 0, key
     assert result["messages"] == 6 and result["dtype"] == "float32" and result["cpu_model"]
+    assert result["model_identity"]["fingerprint"]
     assert result["cold_load_seconds"] is None  # a model folder: nothing to convert
     # and the fast path agreed with the plain forward pass on every measured message
     assert result["agreement"]["labels_fast_vs_plain"] == 1.0

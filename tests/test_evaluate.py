@@ -77,6 +77,7 @@ def test_harness_end_to_end_on_the_tiny_model_with_baseline_and_plot(tmp_path, c
         assert key in r
     _check_consistent(r, 12)
     assert r["method"] == "prompt" and r["messages_per_second"] > 0
+    assert set(r["model_identity"]) == {"name", "fingerprint"}  # the model by its name, not a machine's path
     # the baseline ran on the same 12 messages; trained on these very texts it gets most of them right
     b = r["baseline"]
     assert r["baseline_accuracy"] == b["accuracy"] == pytest.approx(

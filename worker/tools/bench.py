@@ -141,6 +141,7 @@ def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int =
     naive_rate, single_rate, bulk_rate = n / naive_s, n / single_s, n / bulk_s
     return {
         "model": settings.model,
+        "model_identity": engine.identity.as_dict(),
         "cpu_model": cpu_model(),
         "threads": report.threads,
         "dtype": report.dtype,
@@ -189,6 +190,7 @@ def format_table(r: dict[str, Any]) -> str:
     rss = f"{r['peak_rss_bytes'] / mib:.0f} MiB ({r['rss_over_weights']:.2f}x weights)"
     rows = [
         ("model", r["model"]),
+        ("model identity", "{name} [{fingerprint}]".format(**r["model_identity"]) if "model_identity" in r else "-"),
         ("timed rounds (best kept)", str(r.get("rounds", 1))),
         ("cpu / threads", f"{r['cpu_model']} / {r['threads']}"),
         ("dtype / quantize", f"{r['dtype']} / {r['quantize']}"),

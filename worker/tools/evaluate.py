@@ -149,15 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     load = engine.load()
     for path, examples, train in sets:
         report = run(engine, examples, train)
-        report.update(data=str(path), model=settings.model, dtype=load.dtype,
-                      head=str(settings.sentiment_head) if settings.sentiment_head else None)
+        report.update(data=str(path), model=settings.model, model_identity=engine.identity.as_dict(),
+                      dtype=load.dtype, head=str(settings.sentiment_head) if settings.sentiment_head else None)
         if a.plot:
             from worker.tools.plots import plot
 
-            title = f"{path.name}: {report['method']} on {Path(settings.model).name}"
+            title = f"{path.name}: {report['method']} on {engine.identity.name}"
             plot(report, plot_path(a.plot, path, len(sets) > 1), title=title)
         if a.json:
             print(json.dumps(report), flush=True)
         else:
-            print(text_report(report, f"{path} ({settings.model}, {load.dtype})"), flush=True)
+            print(text_report(report, f"{path} ({engine.identity}, {load.dtype})"), flush=True)
     return 0
