@@ -6,7 +6,8 @@
 #   ALLINONE_TORCH_INDEX  where the CPU build of torch comes from, next to pip's own indexes and find-links
 #                         (default https://download.pytorch.org/whl/cpu)
 #   WHEELHOUSE_PYTHON     the image's Python version (default 3.11)
-# Idempotent: wheels already in the folder are not downloaded again.
+# Idempotent: wheels already in the folder are not downloaded again, and with --check nothing is downloaded
+# while the folder already holds everything IMAGE's Python needs.
 #
 #   bash scripts/wheelhouse.sh [--check IMAGE]
 # pip decides a dependency's environment markers (python_full_version < "3.11.3", python_version < "3.12") with
@@ -37,16 +38,9 @@ target=(--only-binary=:all: --implementation cp --python-version "$py" --abi "$a
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==2.13.0+cpu" > "$constraints"
-if ! compgen -G "$dest/torch-2.13.0+cpu-$abi-*.whl" > /dev/null; then
-  t=$(date +%s%N)
-  "$python" -m pip download --quiet --no-deps --dest "$dest" "${target[@]}" \
-    --extra-index-url "$torch_index" "torch==2.13.0+cpu"
-  echo "wheelhouse: torch 2.13.0+cpu in $(since "$t") s" >&2
-fi
 
 # The project's dependencies and its worker extra, read from pyproject.toml, plus what pip needs to build the
-# project itself inside the image (setuptools, wheel). The folder is a find-links source, so the resolver takes
-# torch from the file just downloaded.
+# project itself inside the image (setuptools, wheel).
 requirements=$("$python" - <<'PY'
 try:
     import tomllib
@@ -55,34 +49,51 @@ except ImportError:  # Python 3.10: pip carries a copy
 with open("pyproject.toml", "rb") as f:
     doc = tomllib.load(f)
 project = doc["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["worker"]
+print("\n".join(["torch==2.13.0"] + project["dependencies"] + project["optional-dependencies"]["worker"]
                 + doc["build-system"]["requires"] + ["wheel"]))
 PY
 )
-download() { "$python" -m pip download --quiet --dest "$dest" --find-links "$dest" "${target[@]}" -c "$constraints" "$@"; }
-t=$(date +%s%N)
 mapfile -t reqs <<< "$requirements"
-download "${reqs[@]}"
-echo "wheelhouse: dependencies in $(since "$t") s" >&2
 
-if [ -n "$check_image" ]; then
+# The folder is a find-links source, so the resolver takes torch from the file downloaded first.
+download() { "$python" -m pip download --quiet --dest "$dest" --find-links "$dest" "${target[@]}" -c "$constraints" "$@"; }
+
+# Resolves the requirements with the image's Python, offline; prints pip's complaint when something is missing.
+check() {
+  docker run --rm -i --network none -v "$PWD/$dest:/wheelhouse:ro" -e PIP_NO_INDEX=1 \
+    -e PIP_DISABLE_PIP_VERSION_CHECK=1 --entrypoint sh "$check_image" -c \
+    'python3 -m venv /tmp/venv && /tmp/venv/bin/pip install --quiet --dry-run --find-links /wheelhouse \
+     -r /dev/stdin' <<< "$requirements" 2>&1
+}
+
+if [ -n "$check_image" ] && check > /dev/null; then
+  echo "wheelhouse: already complete for $check_image's Python" >&2
+else
+  if ! compgen -G "$dest/torch-2.13.0+cpu-$abi-*.whl" > /dev/null; then
+    t=$(date +%s%N)
+    "$python" -m pip download --quiet --no-deps --dest "$dest" "${target[@]}" \
+      --extra-index-url "$torch_index" "torch==2.13.0+cpu"
+    echo "wheelhouse: torch 2.13.0+cpu in $(since "$t") s" >&2
+  fi
   t=$(date +%s%N)
-  complete=""
-  for _ in $(seq 20); do
-    if out=$(docker run --rm -i --network none -v "$PWD/$dest:/wheelhouse:ro" -e PIP_NO_INDEX=1 \
-               -e PIP_DISABLE_PIP_VERSION_CHECK=1 --entrypoint sh "$check_image" -c \
-               'python3 -m venv /tmp/venv && /tmp/venv/bin/pip install --quiet --dry-run --find-links /wheelhouse \
-                -r /dev/stdin' <<< "$requirements" 2>&1); then
-      complete=yes
-      break
-    fi
-    missing=$(sed -n 's/.*No matching distribution found for //p' <<< "$out")
-    [ -n "$missing" ] || { echo "$out" >&2; exit 1; }
-    echo "wheelhouse: $check_image's Python also needs: $missing" >&2
-    download "${missing%%;*}"
-  done
-  [ -n "$complete" ] || { echo "wheelhouse: still incomplete for $check_image" >&2; exit 1; }
-  echo "wheelhouse: complete for $check_image's Python (checked in $(since "$t") s)" >&2
+  download "${reqs[@]}"
+  echo "wheelhouse: dependencies in $(since "$t") s" >&2
+  if [ -n "$check_image" ]; then
+    t=$(date +%s%N)
+    complete=""
+    for _ in $(seq 20); do
+      if out=$(check); then
+        complete=yes
+        break
+      fi
+      missing=$(sed -n 's/.*No matching distribution found for //p' <<< "$out")
+      [ -n "$missing" ] || { echo "$out" >&2; exit 1; }
+      echo "wheelhouse: $check_image's Python also needs: $missing" >&2
+      download "${missing%%;*}"
+    done
+    [ -n "$complete" ] || { echo "wheelhouse: still incomplete for $check_image" >&2; exit 1; }
+    echo "wheelhouse: complete for $check_image's Python (checked in $(since "$t") s)" >&2
+  fi
 fi
 
 # Refuse a wheelhouse that could put a GPU build of torch into the image.
