@@ -535,3 +535,51 @@ def test_dockerignore_keeps_local_state_out_of_the_context():
         assert needed not in ignored
         assert not dockerignored(needed, dockerignore_patterns())
 
+
+# ------------------------------------------------------------------------------------------------ test override
+
+
+def test_the_users_compose_file_holds_nothing_of_the_test(services):
+    text = (ROOT / "docker-compose.yml").read_text()
+    for word in ("gguf", "SmolLM", "compose-test", "COMPOSE_TEST", "allinone-local"):
+        assert word not in text
+    assert resolve(environment(services["worker"])["HF_HUB_OFFLINE"]) == "0"
+
+
+def test_the_test_stack_publishes_no_host_port(test_override):
+    # Other Redis servers own this machine's 6379 during the tests
+    assert test_override["services"]["redis"]["ports"] is RESET
+    for service in test_override["services"].values():
+        assert "ports" not in service or service["ports"] is RESET
+
+
+def test_the_test_stack_runs_the_offline_demo_model_from_a_read_only_mount(test_override):
+    worker = test_override["services"]["worker"]
+    env = environment(worker)
+    model = env["ALLINONE_MODEL"] or ""
+    assert model.endswith(".gguf") and env["HF_HUB_OFFLINE"] == "1"
+    mounts = [v.rsplit(":", 2) for v in worker["volumes"]]
+    assert [model, "ro"] in [m[1:] for m in mounts], "the GGUF file is not mounted read-only where the model points"
+    # A relative head is read from the image's working directory, where the Dockerfile copies heads/
+    head = env["ALLINONE_SENTIMENT_HEAD"] or ""
+    assert head.startswith("heads/") and (ROOT / head).is_file()
+
+
+def test_the_test_stack_has_its_own_image_tag(services, test_override):
+    tag = test_override["services"]["worker"]["image"]
+    assert tag != services["worker"]["image"], "the test would replace the user's image"
+    assert test_override["services"]["producer"]["image"] == tag
+
+
+def test_the_test_stack_settings_are_valid_and_redeliver_fast(services, test_override, monkeypatch):
+    merged = {**environment(services["worker"]), **environment(test_override["services"]["worker"])}
+    assert unknown_settings({k for k in merged if k.startswith("ALLINONE_")}) == set()
+    for key, value in merged.items():
+        if key.startswith("ALLINONE_") and value is not None:
+            monkeypatch.setenv(key, resolve(value) or "")
+    s = Settings(_env_file=None)
+    # Short, so the kill test ends in seconds; above the longest task, so no message runs twice
+    assert s.reply_timeout_seconds < s.visibility_timeout_seconds <= 60
+    worker = {**services["worker"], **test_override["services"]["worker"]}
+    grace = seconds(worker["stop_grace_period"])
+    assert grace > s.reply_timeout_seconds
