@@ -15,6 +15,8 @@
 # container cannot pass a TLS-inspecting proxy, and users without internet build the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The stack under test is the compose files' and nothing else: no exported ALLINONE_* setting, no .env file.
+for variable in $(compgen -e | grep '^ALLINONE_' | grep -vx ALLINONE_TORCH_INDEX || true); do unset "$variable"; done
 
 project=${COMPOSE_TEST_PROJECT:-allinone-compose-test}
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -34,7 +36,8 @@ step() { step_name=$1; step_t=$(now); say "== $step_name"; }
 step_done() { say "   $step_name: $(secs "$step_t") s"; }
 
 compose() {
-  PIP_NO_INDEX=1 docker compose --progress quiet -p "$project" -f docker-compose.yml -f docker-compose.test.yml "$@"
+  PIP_NO_INDEX=1 docker compose --progress quiet --env-file /dev/null -p "$project" \
+    -f docker-compose.yml -f docker-compose.test.yml "$@"
 }
 json() { "$python" -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
 health() { docker inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$1"; }
