@@ -139,6 +139,7 @@ figure "Redis healthy $(secs "$t_up") s after up"
 wait_healthy worker 1 300
 loaded=$(compose logs worker 2>&1 | sed -nE 's/.*model loaded: .* in ([0-9.]+) s \((.*)/\1 s, \2/p' | tail -1)
 figure "worker healthy $(secs "$t_up") s after up (model loaded in $loaded"
+compose ps --format 'table {{.Name}}\t{{.Image}}\t{{.Status}}' >&2
 step_done
 
 step "Chinese and English messages"
@@ -157,7 +158,7 @@ step_done
 # ------------------------------------------------------------------------------------------------ scale, kill
 step "scale to two workers"
 t_scale=$(now)
-compose up -d --scale worker=2 --no-recreate
+compose up -d --scale worker=2
 wait_healthy worker 2 300
 figure "second worker healthy $(secs "$t_scale") s after scaling"
 step_done
@@ -225,14 +226,12 @@ done
 recovery=$(secs "$t_kill")
 figure "killed reply redelivered and finished $recovery s after docker kill (visibility timeout 20 s)"
 
-# Every message: exactly one turn, done, with a sentiment label and a reply, in its conversation.
-for m in "${!sent[@]}"; do
-  compose run --rm -T producer wait "$m" --timeout 180 > /dev/null || fail "message $m did not end done"
-done
-shows=""
-for c in zh-1 en-1 zh-2 en-2 zh-3 en-3; do
-  shows+=$(compose run --rm -T producer show "$c")$'\n'
-done
+# Every message: exactly one turn, done, with a sentiment label and a reply, in its conversation. The same
+# producer wait and show commands, in one container rather than one each.
+shows=$(compose run --rm -T -e "MESSAGES=${!sent[*]}" -e "CONVERSATIONS=zh-1 en-1 zh-2 en-2 zh-3 en-3" \
+          --entrypoint sh producer -c '
+  for m in $MESSAGES; do python -m producer wait "$m" --timeout 180 > /dev/null || exit 1; done
+  for c in $CONVERSATIONS; do python -m producer show "$c"; done') || fail "not every message ended done"
 expected=$(for m in "${!sent[@]}"; do echo "$m ${sent[$m]}"; done)
 check=$(cat <<'PY'
 import json, sys
