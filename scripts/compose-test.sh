@@ -121,7 +121,7 @@ step_done
 
 step "docker compose build"
 mkdir -p "$cache"
-compose build worker > "$cache/build.log" 2>&1 || { tail -40 "$cache/build.log" >&2; fail "build failed (log: $cache/build.log)"; }
+compose build > "$cache/build.log" 2>&1 || { tail -40 "$cache/build.log" >&2; fail "build failed (log: $cache/build.log)"; }
 image=$(compose config --images | grep '^allinone-worker:' | head -1)
 size=$(docker image inspect -f '{{.Size}}' "$image" | awk '{ printf "%.2f GB", $1 / 1e9 }')
 torch=$(docker run --rm --entrypoint python "$image" -c \

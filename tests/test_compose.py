@@ -583,3 +583,43 @@ def test_the_test_stack_settings_are_valid_and_redeliver_fast(services, test_ove
     worker = {**services["worker"], **test_override["services"]["worker"]}
     grace = seconds(worker["stop_grace_period"])
     assert grace > s.reply_timeout_seconds
+
+
+# ------------------------------------------------------------------------------------------------ README
+
+
+def compose_section_commands() -> list[list[str]]:
+    """The words after ``docker compose`` of each command in the README's compose section's code blocks."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Running with docker compose", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            if "docker" in words and words[words.index("docker") + 1 :][:1] == ["compose"]:
+                commands.append(words[words.index("docker") + 2 :])
+    return commands
+
+
+def command_shape(words: list[str]) -> str:
+    """Subcommands, services and options up to the first value a user chooses (an id, a text): what a run of
+    the same command shares with the README's."""
+    shape = []
+    for word in words:
+        if word == "-T":  # no TTY: how a script runs it, the same command otherwise
+            continue
+        if not re.fullmatch(r"-{1,2}[a-z-]+|[a-z]+|[a-z]+=\d+", word):
+            break
+        shape.append(word)
+    return " ".join(shape)
+
+
+def test_the_readme_compose_commands_are_the_ones_the_compose_test_runs():
+    script = (ROOT / "scripts" / "compose-test.sh").read_text()
+    # Every call of the script's compose function (docker compose with the test's project and files)
+    ran = {command_shape(m.split()) for m in re.findall(r"(?<![\w-])compose ([^|>\n]*)", script)}
+    commands = compose_section_commands()
+    assert len(commands) >= 6
+    for words in commands:
+        shape = command_shape(words)
+        assert any(r == shape or r.startswith(shape + " ") for r in ran), f"README: docker compose {shape}"
