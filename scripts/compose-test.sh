@@ -160,7 +160,8 @@ step "scale to two workers"
 t_scale=$(now)
 compose up -d --scale worker=2
 wait_healthy worker 2 300
-figure "second worker healthy $(secs "$t_scale") s after scaling"
+loaded=$(compose logs worker 2>&1 | grep 'worker-2' | sed -nE 's/.*model loaded: .* in ([0-9.]+) s \((.*)/\1 s, \2/p' | tail -1)
+figure "second worker healthy $(secs "$t_scale") s after scaling (model loaded in $loaded"
 step_done
 
 # Finds a worker container in the middle of a reply and prints "container task_id": the last reply task its log
