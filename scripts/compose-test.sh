@@ -229,6 +229,7 @@ figure "killed reply redelivered and finished $recovery s after docker kill (vis
 
 # Every message: exactly one turn, done, with a sentiment label and a reply, in its conversation. The same
 # producer wait and show commands, in one container rather than one each.
+# shellcheck disable=SC2016  # $MESSAGES and $CONVERSATIONS are the container shell's
 shows=$(compose run --rm -T -e "MESSAGES=${!sent[*]}" -e "CONVERSATIONS=zh-1 en-1 zh-2 en-2 zh-3 en-3" \
           --entrypoint sh producer -c '
   for m in $MESSAGES; do python -m producer wait "$m" --timeout 180 > /dev/null || exit 1; done
