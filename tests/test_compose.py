@@ -452,7 +452,8 @@ def test_the_image_copies_whole_folders_that_are_in_the_context(dockerfile, fina
         matches = list(PROJECT_ROOT.glob(src))
         assert matches or src == "README.m[d]", f"COPY {src}: not in the repository"
         for path in matches:
-            assert not dockerignored(path.relative_to(PROJECT_ROOT).as_posix(), patterns), f"COPY {src}: .dockerignore'd"
+            relative = path.relative_to(PROJECT_ROOT).as_posix()
+            assert not dockerignored(relative, patterns), f"COPY {src}: .dockerignore'd"
 
 
 def test_the_package_folders_reach_the_build_context_whole():
