@@ -1,5 +1,6 @@
 """The contract between producers and workers: the task names, what their messages carry, and how a turn's work is
-put on a queue. The producer, the bulk command and the worker's own recovery all send through these functions.
+put on a queue. The producer, the bulk command and the worker's own recovery all send through these functions,
+and a dead worker's messages are put back on their queue by :func:`put_back`.
 
 Only Celery primitives (``chain`` of ``Signature``s by task name), so sending never imports the tasks (or torch).
 A message carries a :class:`~worker.schemas.TaskPayload` as plain JSON (``{"message_id", "conversation_id"}``);
@@ -53,3 +54,33 @@ def send_batches(app: Celery, batches: Iterable[list[dict[str, Any]]], queue: st
         for b in batches:
             app.send_task(CLASSIFY_BATCH, args=(b,), kwargs=kwargs, queue=queue, producer=producer,
                           argsrepr=f"[{len(b)} payloads]", kwargsrepr=repr(kwargs))
+
+
+def put_back(app: Celery, delivery_tags: Sequence[str]) -> set[str]:
+    """Put messages a dead worker held unacknowledged back at the head of their queue, now; returns the tags put
+    back (the others the broker no longer holds unacknowledged: acknowledged, or put back already).
+
+    This is the broker's own restore (kombu's, which its visibility-timeout sweep runs), done when the holder is
+    known dead instead of when the timeout expires, as RabbitMQ requeues a consumer's messages the moment its
+    connection drops: the same message (task id, chain, countdown), at the head of the queue since it is older
+    than anything waiting, and not redelivered again later. Only the Redis transport keeps unacknowledged
+    messages where another process can reach them; with any other, nothing is put back.
+    """
+    if not delivery_tags:
+        return set()
+    back: set[str] = set()
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        unacked = getattr(channel, "unacked_key", None)
+        if unacked is None:
+            return back
+        # Declared as every publish does, so the restore finds the queue bound to the message's exchange: kombu
+        # drops a restored message whose exchange has no binding.
+        for queue in app.amqp.queues.values():
+            queue(channel).declare()
+        client = channel.client
+        for tag in delivery_tags:
+            if client.hexists(unacked, tag):
+                channel.qos.restore_by_tag(tag, client=client)
+                back.add(tag)
+    return back

@@ -7,6 +7,7 @@ equal to it). Code never writes a key name out; it asks a :class:`Keys` built fr
     keys = Keys("allinone")
     keys.turn("m1")        # 'allinone:turn:m1'
     keys.pending()         # 'allinone:pending'
+    keys.held("w1")        # 'allinone:held:w1'
     keys.worker.match      # 'allinone:worker:*' (a SCAN pattern)
     keys.worker.id_of(k)   # the worker name back from a key SCAN found
 
@@ -105,6 +106,17 @@ class Keys:
         "unfinished turns submitted one by one, scored by the last time a task touched them (the stale sweep reads it)",
     )
     lock = Key("lock:{name}", "string", "a lock that expires by itself: one worker at a time runs the stale sweep")
+    held = Key(
+        "held:{name}",
+        "hash",
+        "task messages a worker holds (running, or waiting for their countdown): Celery task id ↦ JSON of what to "
+        "put back if the worker dies; written when the worker receives the message, dropped when its task ends",
+    )
+    holders = Key(
+        "holders",
+        "set",
+        "names of the workers that may have a `held` hash: the reclaim scan reads it instead of scanning keys",
+    )
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
