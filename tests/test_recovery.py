@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import redis
 from celery import Celery
 from test_producer import queued
 
-from worker import contract
+from producer.client import make_celery
+from worker import contract, recovery
 from worker.errors import StoreUnavailable
-from worker.recovery import reclaim, sweep_stale
+from worker.recovery import put_back_orphans, reclaim, sweep_stale
 from worker.schemas import HeldTask, Sentiment
-from worker.store import MemoryStore
+from worker.settings import Settings
+from worker.store import MemoryStore, RedisStore
 from worker.testing import ManualClock
 
 
@@ -147,3 +150,27 @@ def test_the_sweep_leaves_alone_a_turn_a_worker_holds(app):
     store.hold("w1", held("t1", contract.REPLY, "waiting"))
     clock.now += 100
     assert sweep_stale(store, app, stale_after_seconds=30, default_queue="live") == ["lost"]
+
+
+@pytest.mark.integration
+def test_a_message_taken_by_a_worker_that_died_before_recording_it_is_put_back(redis_url, monkeypatch):
+    # Given two messages the broker delivered and holds unacknowledged: one a worker holds, one nobody holds (its
+    # worker died between the broker's record and its own)
+    app = make_celery(Settings(redis_url=redis_url))
+    store = RedisStore(redis.Redis.from_url(redis_url, decode_responses=True))
+    contract.send_turn(app, "m-held", "c", "live")
+    contract.send_turn(app, "m-orphan", "c", "live")
+    r = redis.Redis.from_url(redis_url)
+    with app.connection_for_read() as conn:
+        taken = [conn.channel().basic_get("live", no_ack=False) for _ in range(2)]
+        held_msg, orphan = sorted(taken, key=lambda m: m.decode()[0][0]["message_id"])
+        store.hold("w1", HeldTask(task_id=held_msg.headers["id"], task=contract.CLASSIFY, queue="live",
+                                  delivery_tag=held_msg.delivery_tag, payloads=[], received_at=0.0))
+        # When a worker looks, once they are older than the moment a worker needs to record what it took
+        assert put_back_orphans(store, app, ["live"]) == set()  # too recent: its worker may be recording it
+        monkeypatch.setattr(recovery, "ORPHAN_AFTER_SECONDS", 0.0)
+        back = put_back_orphans(store, app, ["live"])
+        # Then only the one nobody holds is back on its queue; messages of other queues are not ours
+        assert back == {orphan.delivery_tag}
+        assert r.llen("live") == 1 and r.hexists("unacked", held_msg.delivery_tag)
+        assert put_back_orphans(store, app, ["bulk"]) == set()

@@ -6,7 +6,9 @@ Two ways work gets lost, two remedies, both run by every live worker's heartbeat
   (``worker.store.held``); when its heartbeat expires (``ALLINONE_HEARTBEAT_TTL_SECONDS``), a live worker, or the
   dead one's replacement as soon as its model is loaded, claims those records and puts the messages back at the
   head of their queue (:func:`reclaim`). A worker that is merely busy keeps beating and is never robbed.
-  Redis's own redelivery after the visibility timeout stays as the last resort.
+  A worker records a message a moment after the broker recorded its delivery: one killed in that moment leaves a
+  message the broker holds unacknowledged and no worker holds; it is put back after ``ORPHAN_AFTER_SECONDS``
+  (:func:`put_back_orphans`). Redis's own redelivery after the visibility timeout stays as the last resort.
 - **A message vanishes before any worker recorded it**: Celery's Redis transport takes a message off the queue
   (BRPOP) before it records it as unacknowledged, so a worker killed between the two, or a Redis restart with the
   message in flight, loses it for good. The store still knows every unfinished turn submitted one by one (its
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 
 # How often a worker looks for dead workers' held messages: the crash-recovery bound is the heartbeat TTL plus this.
 RECLAIM_SCAN_SECONDS = 1.0
+# A message the broker delivered this long ago that no worker holds was taken by a worker that died before it could
+# record it: far longer than the moment between the two records, far shorter than the heartbeat TTL.
+ORPHAN_AFTER_SECONDS = 5.0
 
 
 def reclaim(store: ResultsStore, app: Celery, me: str) -> list[HeldTask]:
@@ -62,6 +67,20 @@ def reclaim(store: ResultsStore, app: Celery, me: str) -> list[HeldTask]:
             resend_unfinished(store, app, task)
         store.release(me, task.task_id, claimed=True)
     return todo
+
+
+def put_back_orphans(store: ResultsStore, app: Celery, queues: list[str]) -> set[str]:
+    """Put back what the broker holds unacknowledged for ``ORPHAN_AFTER_SECONDS`` that no worker holds; returns
+    the delivery tags put back. Run after :func:`reclaim`, so a dead worker's own records are claimed first."""
+    unacked = contract.unacknowledged(app, ORPHAN_AFTER_SECONDS, queues)
+    if not unacked:
+        return set()
+    held = store.held_task_ids()
+    back = contract.put_back(app, [tag for tag, task_id in unacked.items() if task_id not in held])
+    if back:
+        log.warning("put back %d task message(s) taken by a worker that died before recording them: %s",
+                    len(back), [unacked[tag] for tag in back][:10])
+    return back
 
 
 def resend_unfinished(store: ResultsStore, app: Celery, task: HeldTask) -> list[str]:
@@ -119,6 +138,14 @@ def sweep_stale(
     if sent:
         log.warning("re-enqueued %d turn(s) whose task was lost: %s", len(sent), sent[:10])
     return sent
+
+
+def recover(store: ResultsStore, app: Celery, me: str, settings: Settings) -> None:
+    """One pass of the heartbeat thread: a dead worker's messages, then the messages no worker holds (one worker at
+    a time: a lock that expires by itself)."""
+    reclaim(store, app, me)
+    if store.try_lock("orphans", ttl_seconds=max(1, int(RECLAIM_SCAN_SECONDS))):
+        put_back_orphans(store, app, [settings.live_queue, settings.bulk_queue])
 
 
 def sweep(store: ResultsStore, app: Celery, settings: Settings) -> list[str]:

@@ -3,7 +3,7 @@
 ``start()`` runs once when the worker process starts (Celery's ``worker_init`` under the solo pool,
 ``worker_process_init`` in a prefork child); tasks only ever call ``engine()`` and ``store()``. The heartbeat thread
 says "alive, model loaded" every third of ``ALLINONE_HEARTBEAT_TTL_SECONDS`` and gets lost work back
-(``worker.recovery``): a dead worker's held messages every second, the stale sweep now and then.
+(``worker.recovery``): a dead worker's messages every second, the stale sweep now and then.
 """
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ def _beat(s: Settings) -> None:
             _heartbeat(s)
         try:
             assert _store is not None
-            recovery.reclaim(_store, app, _name)
+            recovery.recover(_store, app, _name, s)
         except Exception as e:  # Redis away: the claimed records wait in our list for the next pass
-            log.warning("reclaiming dead workers' messages failed: %s", e)
+            log.warning("putting back dead workers' messages failed: %s", e)
         if time.monotonic() - last_sweep >= recovery.sweep_interval(s):
             last_sweep = time.monotonic()
             try:

@@ -137,6 +137,10 @@ class ResultsStore(Protocol):
         """Every turn some worker holds a task message of."""
         ...
 
+    def held_task_ids(self) -> set[str]:
+        """The task id of every message some worker holds (or claimed from a dead one)."""
+        ...
+
     def dead_letter(self, payload: Any, reason: str) -> None:
         """Keep a task message that could not be processed, and why."""
         ...

@@ -104,14 +104,19 @@ class RedisHeld(StoreBase):
             flat = self._claim_script(keys=keys, args=[dead, by, CLAIMED])
         return None if flat is None else _decode_all(flat[1::2])
 
-    def held_message_ids(self) -> set[str]:
+    def _all_records(self) -> dict[str, str]:
         with answering():
             names = list(self.r.smembers(self.keys.holders()))
             pipe = self.r.pipeline(transaction=False)
             for name in names:
-                pipe.hvals(self.keys.held(name))
-            rows = [raw for values in pipe.execute() for raw in values]
-        return {mid for t in _decode_all(rows) for mid in t.message_ids()}
+                pipe.hgetall(self.keys.held(name))
+            return {field: raw for records in pipe.execute() for field, raw in records.items()}
+
+    def held_message_ids(self) -> set[str]:
+        return {mid for t in _decode_all(list(self._all_records().values())) for mid in t.message_ids()}
+
+    def held_task_ids(self) -> set[str]:
+        return {field.removeprefix(CLAIMED) for field in self._all_records()}
 
 
 class MemoryHeld(StoreBase):
@@ -156,3 +161,7 @@ class MemoryHeld(StoreBase):
         with self._lock:
             rows = [raw for records in self._held.values() for raw in records.values()]
         return {mid for t in _decode_all(rows) for mid in t.message_ids()}
+
+    def held_task_ids(self) -> set[str]:
+        with self._lock:
+            return {field.removeprefix(CLAIMED) for records in self._held.values() for field in records}
