@@ -72,7 +72,7 @@ def put_back(app: Celery, delivery_tags: Sequence[str]) -> set[str]:
     if not delivery_tags:
         return set()
     back: set[str] = set()
-    with app.connection_for_write() as conn:
+    with app.pool.acquire(block=True) as conn:
         channel = conn.default_channel
         unacked = getattr(channel, "unacked_key", None)
         if unacked is None:
@@ -99,7 +99,7 @@ def unacknowledged(
     leaves a message the broker holds that no worker says it holds (``worker.recovery``). Messages of other task
     names or queues (another application sharing the Redis database) are never ours to put back.
     """
-    with app.connection_for_write() as conn:
+    with app.pool.acquire(block=True) as conn:
         channel = conn.default_channel
         index = getattr(channel, "unacked_index_key", None)
         if index is None:

@@ -97,20 +97,26 @@ class Keys:
     worker = Key(
         "worker:{name}",
         "hash",
-        "heartbeat of a worker whose model is loaded (values as JSON); expires seconds after its last beat "
-        "(`worker/runtime.py` beats and sets the TTL)",
+        "heartbeat of a worker whose model is loaded (values as JSON); expires `ALLINONE_HEARTBEAT_TTL_SECONDS` "
+        "after its last beat (`worker/runtime.py` beats), and then the worker counts as dead",
     )
     pending = Key(
         "pending",
         "sorted set",
         "unfinished turns submitted one by one, scored by the last time a task touched them (the stale sweep reads it)",
     )
-    lock = Key("lock:{name}", "string", "a lock that expires by itself: one worker at a time runs the stale sweep")
+    lock = Key(
+        "lock:{name}",
+        "string",
+        "a lock that expires by itself: one worker at a time runs a chore (the stale sweep, the put-back of messages "
+        "no worker holds)",
+    )
     held = Key(
         "held:{name}",
         "hash",
         "task messages a worker holds (running, or waiting for their countdown): Celery task id ↦ JSON of what to "
-        "put back if the worker dies; written when the worker receives the message, dropped when its task ends",
+        "put back if the worker dies; written when it receives the message, dropped when the task ends; a live "
+        "worker claims a dead one's as `claimed:<task id>` until they are back on their queue",
     )
     holders = Key(
         "holders",
