@@ -11,9 +11,9 @@ The visibility timeout is the product's (ten minutes): what comes back sooner wa
 Faults come at random moments, at least ``--fault-gap`` seconds apart.
 
 Prints one JSON object with the counts and, for the messages the kills touched (those the killed worker held),
-how long each waited after the kill and beyond its normal processing time, and the worst stall of a conversation
-(from a kill until the conversation had answered every turn submitted before it); exit 1 if anything was lost,
-duplicated, out of order or failed.
+how long the held step waited after the kill and beyond its usual time, and the worst stall of a touched
+conversation (how much longer than the median conversation it took, after the kill, to answer every turn
+submitted before it); exit 1 if anything was lost, duplicated, out of order or failed.
 """
 
 from __future__ import annotations
@@ -45,34 +45,43 @@ def held_at_kill(store: ResultsStore, worker: WorkerProcess) -> list[HeldTask]:
     return [t for n in names for t in store.held_by(n) + store.held_by(n, claimed=True)]
 
 
-def normal_seconds(task: HeldTask, took: dict[str, float]) -> float:
-    """What the held task, and the tasks it leads to, normally take: the wait a kill did not add."""
-    reply = took.get(contract.REPLY, 0.0)
-    if task.task == contract.CLASSIFY:
-        return took.get(contract.CLASSIFY, 0.0) + reply
-    if task.task == contract.CLASSIFY_BATCH:
-        return took.get(contract.CLASSIFY_BATCH, 0.0) + (reply if task.reply else 0.0)
-    return reply
+def step_done_at(task: HeldTask, turn: Turn) -> float | None:
+    """When the held task's own step was done: the label for a sentiment task or a bulk batch, the reply for a
+    reply task. What follows a label (its reply, queued behind everything waiting) is the normal course."""
+    if task.task == contract.REPLY:
+        return turn.done_at
+    return turn.classified_at or turn.done_at
+
+
+def catch_up(turns: list[Turn], since: float) -> float:
+    """From ``since`` until the conversation had answered every turn submitted before it."""
+    return max([since] + [t.done_at for t in turns if t.created_at < since and t.done_at is not None]) - since
 
 
 def recovery_report(touched: dict[str, tuple[float, HeldTask]], turns: dict[str, Turn],
                     convs: dict[str, list[Turn]], took: dict[str, float]) -> dict[str, object]:
-    """How long the messages the kills touched waited, and the worst stall of a conversation they were in."""
-    waited, extra, stall = [], [], 0.0
+    """How long the work the kills touched waited, and how much longer its conversations took to catch up.
+
+    A touched message's wait runs from the kill until the step its worker held was done again; its extra wait
+    is that minus the step's usual time (the median from the logs). A touched conversation's stall is how much
+    longer it took, after the kill, to answer every turn submitted before the kill than the median conversation
+    did at the same moment: the backlog in front of everyone is not the kill's doing."""
+    waited, extra, stalls = [], [], []
     for mid, (killed_at, task) in touched.items():
         turn = turns.get(mid)
-        if turn is None or turn.done_at is None:
+        done = step_done_at(task, turn) if turn is not None else None
+        if turn is None or done is None:
             continue
-        waited.append(turn.done_at - killed_at)
-        extra.append(max(0.0, turn.done_at - killed_at - normal_seconds(task, took)))
-        before = [t for t in convs.get(turn.conversation_id, []) if t.seq >= turn.seq and t.created_at < killed_at]
-        stall = max([stall] + [t.done_at - killed_at for t in before if t.done_at is not None])
+        waited.append(done - killed_at)
+        extra.append(max(0.0, done - killed_at - took.get(task.task, 0.0)))
+        others = [catch_up(ts, killed_at) for c, ts in convs.items() if c != turn.conversation_id]
+        stalls.append(catch_up(convs.get(turn.conversation_id, []), killed_at) - statistics.median(others or [0.0]))
     return {
         "touched": len(touched),
         "worst_wait_after_kill_seconds": round(max(waited, default=0.0), 1),
         "worst_extra_wait_seconds": round(max(extra, default=0.0), 1),
         "median_extra_wait_seconds": round(statistics.median(extra), 1) if extra else 0.0,
-        "worst_conversation_stall_seconds": round(stall, 1),
+        "worst_conversation_stall_seconds": round(max(stalls, default=0.0), 1),
         "task_seconds": {k.removeprefix("allinone."): round(v, 3) for k, v in sorted(took.items())},
     }
 

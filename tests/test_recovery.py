@@ -169,8 +169,25 @@ def test_a_message_taken_by_a_worker_that_died_before_recording_it_is_put_back(r
         # When a worker looks, once they are older than the moment a worker needs to record what it took
         assert put_back_orphans(store, app, ["live"]) == set()  # too recent: its worker may be recording it
         monkeypatch.setattr(recovery, "ORPHAN_AFTER_SECONDS", 0.0)
+        monkeypatch.setattr(recovery, "ORPHAN_SECOND_LOOK_SECONDS", 0.0)
         back = put_back_orphans(store, app, ["live"])
         # Then only the one nobody holds is back on its queue; messages of other queues are not ours
         assert back == {orphan.delivery_tag}
         assert r.llen("live") == 1 and r.hexists("unacked", held_msg.delivery_tag)
         assert put_back_orphans(store, app, ["bulk"]) == set()
+
+
+@pytest.mark.integration
+def test_a_task_that_just_ended_is_not_put_back_on_its_way_to_the_acknowledgement(redis_url, monkeypatch):
+    # Given a message whose task has just ended: released by its worker, its acknowledgement a moment away
+    app = make_celery(Settings(redis_url=redis_url))
+    store = RedisStore(redis.Redis.from_url(redis_url, decode_responses=True))
+    contract.send_turn(app, "m1", "c", "live")
+    monkeypatch.setattr(recovery, "ORPHAN_AFTER_SECONDS", 0.0)
+    with app.connection_for_read() as conn:
+        msg = conn.channel().basic_get("live", no_ack=False)
+        # When a worker looks in between, and the acknowledgement lands during its second look
+        monkeypatch.setattr(recovery.time, "sleep", lambda _: msg.ack())
+        # Then it is not put back: nothing would run it a second time
+        assert put_back_orphans(store, app, ["live"]) == set()
+        assert redis.Redis.from_url(redis_url).llen("live") == 0

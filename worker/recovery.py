@@ -22,6 +22,7 @@ not answered twice.
 from __future__ import annotations
 
 import logging
+import time
 
 from celery import Celery
 
@@ -38,6 +39,7 @@ RECLAIM_SCAN_SECONDS = 1.0
 # A message the broker delivered this long ago that no worker holds was taken by a worker that died before it could
 # record it: far longer than the moment between the two records, far shorter than the heartbeat TTL.
 ORPHAN_AFTER_SECONDS = 5.0
+ORPHAN_SECOND_LOOK_SECONDS = 0.5
 
 
 def reclaim(store: ResultsStore, app: Celery, me: str) -> list[HeldTask]:
@@ -73,10 +75,15 @@ def put_back_orphans(store: ResultsStore, app: Celery, queues: list[str]) -> set
     """Put back what the broker holds unacknowledged for ``ORPHAN_AFTER_SECONDS`` that no worker holds; returns
     the delivery tags put back. Run after :func:`reclaim`, so a dead worker's own records are claimed first."""
     unacked = contract.unacknowledged(app, ORPHAN_AFTER_SECONDS, queues)
-    if not unacked:
+    held = store.held_task_ids() if unacked else set()
+    suspects = {tag: task_id for tag, task_id in unacked.items() if task_id not in held}
+    if not suspects:
         return set()
+    # A second look: a task that just ended is released a moment before its message is acknowledged, and putting
+    # that message back would run it again (harmless, but a retried reply would then wait twice).
+    time.sleep(ORPHAN_SECOND_LOOK_SECONDS)
     held = store.held_task_ids()
-    back = contract.put_back(app, [tag for tag, task_id in unacked.items() if task_id not in held])
+    back = contract.put_back(app, [tag for tag, task_id in suspects.items() if task_id not in held])
     if back:
         log.warning("put back %d task message(s) taken by a worker that died before recording them: %s",
                     len(back), [unacked[tag] for tag in back][:10])
