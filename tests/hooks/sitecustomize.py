@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 _DELAY = float(os.environ.get("SLOW_TASK_SECONDS", "0") or 0)
 
@@ -22,11 +23,11 @@ if _DELAY:
         if any(m.startswith("slow-") for m in message_ids):
             time.sleep(_DELAY)
 
-    def reply_turn(engine, store, message_id, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def reply_turn(engine: Any, store: Any, message_id: str, *args: Any, **kwargs: Any) -> Any:
         _pause([message_id])
         return _reply_turn(engine, store, message_id, *args, **kwargs)
 
-    def classify_turns(engine, store, message_ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def classify_turns(engine: Any, store: Any, message_ids: list[str], *args: Any, **kwargs: Any) -> Any:
         _pause(message_ids)
         return _classify_turns(engine, store, message_ids, *args, **kwargs)
 
