@@ -624,3 +624,32 @@ def test_the_readme_compose_commands_are_the_ones_the_compose_test_runs():
     for words in commands:
         shape = command_shape(words)
         assert any(r == shape or r.startswith(shape + " ") for r in ran), f"README: docker compose {shape}"
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """A YAML loader that refuses a mapping key written twice (Docker Compose refuses such a file)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        written = list(node.value)  # as written, before merge keys (<<) bring in the anchor's entries
+        self.flatten_mapping(node)
+        for key_node, _ in written:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.test.yml"])
+def test_no_key_is_written_twice(name):
+    _UniqueKeys.add_constructor("!reset", lambda loader, node: None)
+    _UniqueKeys.add_constructor("!override", lambda loader, node: None)
+    yaml.load((PROJECT_ROOT / name).read_text(), Loader=_UniqueKeys)  # noqa: S506
+
+
+def test_a_key_written_twice_is_caught():
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'A'"):
+        yaml.load("x:\n  A: 1\n  A: 2\n", Loader=_UniqueKeys)  # noqa: S506
