@@ -15,9 +15,11 @@ import argparse
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -184,6 +186,18 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.signal(signal.SIGKILL)
             self.proc.wait(10)
+
+
+_SUCCEEDED = re.compile(r"Task (allinone\.\w+)\[[^\]]+\] succeeded in ([0-9.]+)s")
+
+
+def task_seconds(logs: list[Path]) -> dict[str, float]:
+    """The median time each task took, from real workers' logs (Celery's "Task NAME[ID] succeeded in 0.05s")."""
+    seen: dict[str, list[float]] = {}
+    for log in logs:
+        for name, secs in _SUCCEEDED.findall(log.read_text(errors="replace")):
+            seen.setdefault(name, []).append(float(secs))
+    return {name: statistics.median(v) for name, v in seen.items()}
 
 
 def worker_env(redis_url: str, model: str, cache_dir: Path, **overrides: str) -> dict[str, str]:

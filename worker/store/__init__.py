@@ -10,6 +10,7 @@ What lives where:
 - ``redis``: ``RedisStore``: turns, conversations, the pending index, the bulk calls (Lua scripts).
 - ``memory``: ``MemoryStore``, the same in memory, on an injected clock.
 - ``workers``: the worker side: heartbeats, locks, queue length (a Redis part and a memory part).
+- ``held``: who holds what: each worker's held task messages, claimed by a live worker when it dies.
 - ``deadletters``: task messages that could not be processed (a Redis part and a memory part).
 - ``connection``: the Redis client's retry policy, and Redis errors as ``StoreUnavailable``.
 

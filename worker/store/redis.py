@@ -2,8 +2,8 @@
 
 Every write refreshes the TTL of the turn and of its conversation, so a conversation lives ``ttl_seconds`` after
 its last activity. Message ids are global: the same id submitted twice is one turn (idempotency), whichever process
-submits it. The worker side (heartbeats, locks, queue length) and dead letters are parts mixed in from
-``worker.store.workers`` and ``worker.store.deadletters``.
+submits it. The worker side (heartbeats, locks, queue length), the held task messages and dead letters are parts
+mixed in from ``worker.store.workers``, ``worker.store.held`` and ``worker.store.deadletters``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from worker.store.base import TurnWrites, unknown_message
 from worker.store.codec import check_same, turn_from_fields, turn_to_fields
 from worker.store.connection import answering, connect
 from worker.store.deadletters import RedisDeadLetters
+from worker.store.held import CLAIM_LUA, RedisHeld
 from worker.store.keys import Keys
 from worker.store.workers import RedisWorkers
 
@@ -44,7 +45,7 @@ return 1
 """
 
 
-class RedisStore(RedisDeadLetters, RedisWorkers, TurnWrites):
+class RedisStore(RedisDeadLetters, RedisHeld, RedisWorkers, TurnWrites):
     """The results store in Redis."""
 
     def __init__(self, client: redis.Redis, prefix: str = "allinone", ttl_seconds: int = 7 * 24 * 3600) -> None:
@@ -53,6 +54,7 @@ class RedisStore(RedisDeadLetters, RedisWorkers, TurnWrites):
         self.ttl = ttl_seconds
         self._create_script = client.register_script(_CREATE_LUA)
         self._enqueued_script = client.register_script(_ENQUEUED_LUA)
+        self._claim_script = client.register_script(CLAIM_LUA)
 
     @classmethod
     def from_url(
