@@ -97,6 +97,9 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=100.0, help="messages submitted per second")
     ap.add_argument("--timeout", type=float, default=1800.0, help="give up waiting after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--busy-wait", type=float, default=10.0,
+                    help="before a kill, wait up to this long for the worker to hold a message, so the kill lands "
+                    "mid-task (0: kill at once)")
     ap.add_argument("--fault-gap", type=float, default=20.0,
                     help="least seconds between two faults: the recovery bound is about one fault at a time (the "
                     "heartbeat TTL, 15 s, plus a few); closer faults add up")
@@ -177,6 +180,15 @@ def main() -> int:
         time.sleep(max(0.0, last_fault + gap - time.monotonic()))
         last_fault = time.monotonic()
         if event == "kill":
+            # A kill is meant to land mid-task; an idle worker loses nothing and measures no recovery.
+            busy_by = time.monotonic() + a.busy_wait
+            while time.monotonic() < busy_by:
+                try:
+                    if held_at_kill(producer.store, current):
+                        break
+                except StoreUnavailable:
+                    pass
+                time.sleep(0.01)
             with swap:
                 victim = current
                 victim.kill()
