@@ -1,12 +1,12 @@
 """How much the queue costs on the bulk path: the engine's batched sentiment rate in this process, then the same
 messages end to end through ``python -m producer bulk --sentiment-only`` and a real worker, in one run.
 
-    python scripts/bulk_overhead.py --model MODEL --data zh.dev.jsonl --data en.dev.jsonl [--n 400]
+    python scripts/bulk_overhead.py --model PATH [--n 400] [--data FILE ...]
 
-The messages are the first ``n / len(--data)`` rows of each labelled JSONL file (``{"id", "text", ...}``).
-
+Messages: the zh and en dev sets shipped with the product, half of ``--n`` from each (``--data`` for others).
 Prints one JSON object: engine_messages_per_second, queue_messages_per_second, overhead (1 - queue/engine).
-Uses the local Redis db 12 (ALLINONE_REDIS_URL to change it) and flushes it.
+Uses the local Redis db 12 (ALLINONE_REDIS_URL to change it) and flushes it. Run it from a set-up checkout
+(``bash scripts/setup.sh``, then ``. .venv/bin/activate``).
 """
 
 from __future__ import annotations
@@ -21,37 +21,38 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from worker.settings import Settings
+from worker.testing import PROJECT_ROOT, WorkerProcess, worker_env
+from worker.tools import datasets
 
-from worker.testing import WorkerProcess, worker_env  # noqa: E402
 
-
-def messages(paths: list[Path], n: int) -> list[dict]:
+def messages(files: list[Path], n: int) -> list[dict]:
+    """The first ``n / len(files)`` rows of each file, with an ``id`` (the row's own, else its line number)."""
     rows = []
-    for path in paths:
+    for path in files:
         with path.open(encoding="utf-8") as f:
-            rows += [json.loads(line) for _, line in zip(range(n // len(paths)), f, strict=False)]
+            for i, line in zip(range(n // len(files)), f, strict=False):
+                row = json.loads(line)
+                rows.append({"id": row.get("id", f"{path.stem}-{i}"), "text": row["text"]})
     return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--data", type=Path, action="append", required=True, metavar="FILE.jsonl",
-                    help="labelled JSONL file(s) to take the messages from; repeat for several")
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--data", type=Path, action="append",
+                    help="JSON Lines with a 'text' field; repeatable (default: the shipped zh and en dev sets)")
     ap.add_argument("--no-wait", action="store_true",
                     help="enqueue with --no-wait and poll the store once a second instead of the command collecting")
     a = ap.parse_args()
     url = os.environ.get("ALLINONE_REDIS_URL", "redis://127.0.0.1:6379/12")
-    rows = messages(a.data, a.n)
+    rows = messages(a.data or [datasets.shipped(lang, "dev") for lang in datasets.LANGS], a.n)
     threads = str(len(os.sched_getaffinity(0)))
 
     # 1. the engine alone, batched, as the worker's classify_batch runs it
     from worker.engine import Engine
-    from worker.settings import Settings
     from worker.store import Keys
 
     engine = Engine(Settings(model=a.model, threads=int(threads)))
@@ -71,7 +72,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="allinone-bulk-overhead-"))
     inp = tmp / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": r["id"], "text": r["text"]}, ensure_ascii=False) + "\n" for r in rows))
-    env = worker_env(url, a.model, Path.home() / ".cache" / "allinone", ALLINONE_THREADS=threads,
+    env = worker_env(url, a.model, Settings().cache_dir, ALLINONE_THREADS=threads,
                      ALLINONE_SENTIMENT_BATCH_SIZE=str(a.batch_size))
     env.pop("ALLINONE_DTYPE")  # as the worker runs by default
     worker = WorkerProcess(env=env, log_path=tmp / "worker.log").start(wait_ready=900)
@@ -80,7 +81,7 @@ def main() -> int:
         out = subprocess.run(
             [sys.executable, "-m", "producer", "bulk", str(inp), "--sentiment-only", "--out", str(tmp / "out.jsonl"),
              "--batch-size", str(a.batch_size), *(["--no-wait"] if a.no_wait else [])],
-            cwd=ROOT, env=env, capture_output=True, text=True,
+            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
         )
         if a.no_wait:
             r = redis.Redis.from_url(url, decode_responses=True)

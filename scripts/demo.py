@@ -51,9 +51,9 @@ def main() -> int:
         own_redis = RedisServer().start()
         url = own_redis.url
     model = os.environ.get("ALLINONE_MODEL") or str(demo_model())
-    # SmolLM2's prompt answers lean "Positive" whatever the text (49-50 % on the dev sets); the sentiment head
-    # trained for it (python -m worker.calibrate, 1,000 zh + 1,000 en train items, 7.5 KB) reads the same forward
-    # pass and gets 73 % zh / 78 % en. It belongs to that model and prompt only.
+    # SmolLM2's prompt answers lean "Positive" whatever the text; the sentiment head trained for it (python -m
+    # worker.train_head) reads the same forward pass and separates the labels far better (figures: the demo model
+    # in docs/evaluation.md). It belongs to that model and prompt only.
     head = ROOT / "heads" / "smollm2-135m-instruct.safetensors"
     if "ALLINONE_MODEL" not in os.environ and "ALLINONE_SENTIMENT_HEAD" not in os.environ and head.exists():
         os.environ["ALLINONE_SENTIMENT_HEAD"] = str(head)

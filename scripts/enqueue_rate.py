@@ -2,6 +2,8 @@
 
     python scripts/enqueue_rate.py [--rows 50000] [--rss-rows 100000] [--redis-url redis://127.0.0.1:6379/0]
 
+Run it from a set-up checkout (``bash scripts/setup.sh``, then ``. .venv/bin/activate``).
+
 Times the enqueue side of a bulk job as the command runs it: read and validate the file, store the turns
 (pipelined), publish the tasks on a queue of its own that no worker reads, mark them enqueued. Both modes:
 ``--sentiment-only`` (one classify_batch task per 32 rows) and with replies (the same batches, asking the worker
@@ -24,13 +26,12 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import redis
 
-import redis  # noqa: E402
-
-from producer.bulk import BulkJob, CelerySender, Fields, JobConfig, read_jsonl  # noqa: E402
-from worker.settings import Settings  # noqa: E402
-from worker.store import Keys, RedisStore  # noqa: E402
+from producer.bulk import BulkJob, CelerySender, Fields, JobConfig, read_jsonl
+from worker.settings import Settings
+from worker.store import Keys, RedisStore
+from worker.testing import PROJECT_ROOT
 
 WORDS = "the room was clean and the staff friendly but breakfast was cold and the wifi slow".split()
 
@@ -101,7 +102,7 @@ def measure_rss(url: str, rows: int) -> tuple[int, int]:
             for extra in (["--no-wait"], []):
                 if not extra:
                     _mark_all_done(client, prefix)
-                p = subprocess.Popen(cmd + extra, cwd=Path(__file__).resolve().parents[1], env=env,
+                p = subprocess.Popen(cmd + extra, cwd=PROJECT_ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
                 out = p.stdout.read() if p.stdout else b""
                 _, status, usage = os.wait4(p.pid, 0)

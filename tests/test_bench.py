@@ -14,9 +14,9 @@ import json
 import pytest
 import torch
 
-from worker import bench
 from worker.engine import Engine
 from worker.settings import Settings, cpu_has_native_bf16
+from worker.tools import bench, datasets
 
 # Mixed languages and lengths: one token to past the token budget, so sorted batches still pad heavily.
 MIXED = [
@@ -65,6 +65,7 @@ def test_bench_runs_end_to_end_and_reports_every_number(bench_result):
     for key in KEYS:
         assert result[key] > 0, key
     assert result["messages"] == 6 and result["dtype"] == "float32" and result["cpu_model"]
+    assert result["model_identity"]["fingerprint"]
     assert result["cold_load_seconds"] is None  # a model folder: nothing to convert
     # and the fast path agreed with the plain forward pass on every measured message
     assert result["agreement"]["labels_fast_vs_plain"] == 1.0
@@ -83,6 +84,13 @@ def test_messages_alternate_between_files(tmp_path):
     en.write_text("".join(json.dumps({"text": f"en{i}"}) + "\n" for i in range(3)))
     assert bench.load_messages([zh, en], 5) == ["中0", "en0", "中1", "en1", "中2"]
     assert bench.load_messages([tmp_path / "missing.jsonl"], 3) == list(bench.FALLBACK_MESSAGES[:3])
+
+
+def test_default_messages_are_the_shipped_dev_sets_alternated():
+    # Given no --messages: the zh and en dev sets shipped with the product, wherever the project is
+    zh, en = (datasets.read_examples(datasets.shipped(lang, "dev")) for lang in ("zh", "en"))
+    # Then the benchmark measures them in turn, zh first
+    assert bench.load_messages(bench.default_message_files(), 4) == [zh[0].text, en[0].text, zh[1].text, en[1].text]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 16])

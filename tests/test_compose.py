@@ -37,6 +37,17 @@ def dockerfile() -> list[tuple[str, str]]:
     return instructions((PROJECT_ROOT / "Dockerfile").read_text())
 
 
+@pytest.fixture(scope="module")
+def final_stage(dockerfile) -> list[tuple[str, str]]:
+    """The instructions of the image itself: the last stage."""
+    return stages(dockerfile)[-1]
+
+
+@pytest.fixture(scope="module")
+def test_override() -> dict[str, Any]:
+    return yaml.load((PROJECT_ROOT / "docker-compose.test.yml").read_text(), Loader=ComposeLoader)  # noqa: S506
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 
 
@@ -56,6 +67,124 @@ def instructions(text: str) -> list[tuple[str, str]]:
         out.append((keyword.upper(), args.strip()))
         pending = ""
     return out
+
+
+def stages(docker: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The instructions of each build stage, each starting with its FROM (ARGs before the first FROM dropped)."""
+    out: list[list[tuple[str, str]]] = []
+    for keyword, args in docker:
+        if keyword == "FROM":
+            out.append([])
+        if out:
+            out[-1].append((keyword, args))
+    return out
+
+
+def global_args(docker: list[tuple[str, str]]) -> dict[str, str | None]:
+    """ARGs declared before the first FROM (the ones a FROM line may use), with their defaults."""
+    out: dict[str, str | None] = {}
+    for keyword, args in docker:
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            name, _, default = args.partition("=")
+            out[name] = default if _ else None
+    return out
+
+
+def from_image(stage: list[tuple[str, str]], args: dict[str, str | None]) -> str:
+    """The image a stage starts from, build arguments replaced by their defaults."""
+    image = stage[0][1].split()[0]
+    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: args.get(m.group(1)) or "", image)
+
+
+_BUILDKIT_ONLY_FLAGS = {"RUN": ("--mount", "--network", "--security"),
+                        "COPY": ("--chmod", "--link", "--parents", "--exclude"),
+                        "ADD": ("--chmod", "--link", "--checksum", "--keep-git-dir", "--exclude")}
+
+
+def classic_builder_problems(text: str) -> list[str]:
+    """Why the classic builder (no BuildKit, no buildx) could not build this Dockerfile, or needs a registry."""
+    problems = []
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if re.match(r"#\s*syntax\s*=", first):
+        problems.append("a '# syntax=' line: BuildKit pulls that frontend image from a registry")
+    for keyword, args in instructions(text):
+        flags = [w.split("=")[0] for w in args.split() if w.startswith("--")]
+        for flag in _BUILDKIT_ONLY_FLAGS.get(keyword, ()):
+            if flag in flags:
+                problems.append(f"{keyword} {flag} needs BuildKit")
+        if keyword in ("RUN", "COPY", "ADD") and re.search(r"<<-?\s*['\"]?[A-Za-z_]", args):
+            problems.append(f"{keyword} with a heredoc needs BuildKit")
+    return problems
+
+
+def copy_sources(stage: list[tuple[str, str]]) -> list[str]:
+    """The build-context paths a stage copies (COPY --from=another stage excluded)."""
+    out = []
+    for keyword, args in stage:
+        if keyword not in ("COPY", "ADD"):
+            continue
+        words = args.split()
+        if any(w.startswith("--from") for w in words):
+            continue
+        out += [w for w in words[:-1] if not w.startswith("--")]
+    return out
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (PROJECT_ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as Docker reads it: from the top of the context, * and ? within one path
+    component, ** across any number of them."""
+    pattern = pattern.strip("/")
+    out, i = "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out, i = out + "(.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif c == "*":
+            out, i = out + "[^/]*", i + 1
+        elif c == "?":
+            out, i = out + "[^/]", i + 1
+        elif c == "[":
+            end = pattern.index("]", i)
+            out, i = out + pattern[i : end + 1], end + 1
+        else:
+            out, i = out + re.escape(c), i + 1
+    return re.compile(f"^{out}$")
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether Docker leaves this context path out: the last pattern matching it or one of its parent folders
+    decides, a leading ! keeping it in."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        regex = _pattern_regex(pattern.lstrip("!"))
+        if any(regex.match(c) for c in candidates):
+            ignored = not keep
+    return ignored
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as compose reads it: ``!reset`` (drop what the file before set) and ``!override`` tags."""
+
+
+RESET = object()
+ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
+ComposeLoader.add_constructor(
+    "!override",
+    lambda loader, node: loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
+    else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node),
+)
 
 
 def environment(service: dict[str, Any]) -> dict[str, str | None]:
@@ -149,7 +278,7 @@ def torch_problems(docker: list[tuple[str, str]]) -> list[str]:
 
 def test_redis_has_a_ping_healthcheck(services):
     redis = services["redis"]
-    assert redis["image"].startswith("redis:7")
+    assert (resolve(redis["image"]) or "").startswith("redis:7")
     test = redis["healthcheck"]["test"]
     assert "redis-cli" in test and "ping" in test
 
@@ -157,6 +286,27 @@ def test_redis_has_a_ping_healthcheck(services):
 def test_redis_never_evicts_queued_messages(services):
     command = services["redis"]["command"]
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+
+
+def test_redis_accepts_the_other_containers_whatever_its_build(services):
+    # redis-server builds other than the official image's (Debian's, a local REDIS_IMAGE) start in protected
+    # mode and refuse every client that is not on loopback: the worker would never connect.
+    command = services["redis"]["command"]
+    assert command[command.index("--protected-mode") + 1] == "no"
+
+
+def test_base_images_are_variables_defaulting_to_the_public_images(services, dockerfile):
+    assert global_args(dockerfile).get("BASE_IMAGE") == "python:3.11-slim"
+    for name in ("worker", "producer"):
+        args = services[name]["build"]["args"]
+        assert services[name]["build"]["context"] == "."
+        assert "${BASE_IMAGE:-" in args["BASE_IMAGE"], "a machine without a registry must be able to pass its own"
+        # The same default as the Dockerfile's: users who set nothing get what a plain docker build gives
+        assert resolve(args["BASE_IMAGE"]) == global_args(dockerfile)["BASE_IMAGE"]
+        assert resolve(args["PIP_NO_INDEX"]) == "0"
+    assert "${REDIS_IMAGE:-" in services["redis"]["image"]
+    assert resolve(services["redis"]["image"]) == "redis:7-alpine"
+    assert services["worker"]["image"] == services["producer"]["image"]
 
 
 def test_worker_starts_only_after_redis_is_healthy(services):
@@ -254,18 +404,102 @@ def test_compose_defaults_are_valid_settings(services, service, monkeypatch):
 # ------------------------------------------------------------------------------------------------ Dockerfile
 
 
-def test_dockerfile_base_user_volume_and_command(dockerfile):
-    first = dict(dockerfile[:1])
-    assert first.get("FROM") == "python:3.11-slim"
-    users = [args for keyword, args in dockerfile if keyword == "USER"]
+def test_dockerfile_base_user_volume_and_command(dockerfile, final_stage):
+    assert from_image(final_stage, global_args(dockerfile)) == "python:3.11-slim"
+    users = [args for keyword, args in final_stage if keyword == "USER"]
     assert users and users[-1] not in ("root", "0")
-    assert any(keyword == "VOLUME" and "/models" in args for keyword, args in dockerfile)
-    env = " ".join(args for keyword, args in dockerfile if keyword == "ENV")
+    assert any(keyword == "VOLUME" and "/models" in args for keyword, args in final_stage)
+    env = " ".join(args for keyword, args in final_stage if keyword == "ENV")
     assert "HF_HOME=/models/" in env and "ALLINONE_CACHE_DIR=/models/" in env
-    assert ("STOPSIGNAL", "SIGTERM") in dockerfile
-    assert dockerfile[-1] == ("CMD", '["python", "-m", "worker"]')
-    health = [args for keyword, args in dockerfile if keyword == "HEALTHCHECK"]
+    assert ("STOPSIGNAL", "SIGTERM") in final_stage
+    assert final_stage[-1] == ("CMD", '["python", "-m", "worker"]')
+    health = [args for keyword, args in final_stage if keyword == "HEALTHCHECK"]
     assert health and "worker.health" in health[0]
+
+
+def test_every_stage_starts_from_the_base_image_argument(dockerfile):
+    for stage in stages(dockerfile):
+        assert stage[0][1].split()[0] == "${BASE_IMAGE}"
+
+
+def test_dockerfile_builds_with_the_classic_builder():
+    assert classic_builder_problems((PROJECT_ROOT / "Dockerfile").read_text()) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("# syntax=docker/dockerfile:1\nFROM x\n", "syntax"),
+        ("FROM x\nRUN --mount=type=cache,target=/root/.cache/pip pip install y\n", "RUN --mount"),
+        ("FROM x\nCOPY --chmod=755 a /b\n", "COPY --chmod"),
+        ("FROM x\nRUN <<EOF\n", "heredoc"),
+    ],
+)
+def test_a_buildkit_only_dockerfile_is_caught(text, problem):
+    assert any(problem in p for p in classic_builder_problems(text)), classic_builder_problems(text)
+
+
+def test_the_image_copies_whole_folders_that_are_in_the_context(dockerfile, final_stage):
+    sources = [src for stage in stages(dockerfile) for src in copy_sources(stage)]
+    # The packages are being split into subpackages: a single module copied by name would go missing.
+    for src in sources:
+        assert "/" not in src.rstrip("/"), f"COPY {src}: copy the whole folder"
+    names = {src.rstrip("/") for src in sources}
+    assert {"worker", "producer", "pyproject.toml", "celeryconfig.py"} <= names
+    assert "heads" in {src.rstrip("/") for src in copy_sources(final_stage)}
+    patterns = dockerignore_patterns()
+    for src in names:
+        matches = list(PROJECT_ROOT.glob(src))
+        assert matches or src == "README.m[d]", f"COPY {src}: not in the repository"
+        for path in matches:
+            relative = path.relative_to(PROJECT_ROOT).as_posix()
+            assert not dockerignored(relative, patterns), f"COPY {src}: .dockerignore'd"
+
+
+def test_the_package_folders_reach_the_build_context_whole():
+    patterns = dockerignore_patterns()
+    for folder in ("worker", "producer", "heads"):
+        for path in (PROJECT_ROOT / folder).rglob("*"):
+            rel = path.relative_to(PROJECT_ROOT).as_posix()
+            if path.is_file() and "__pycache__" not in rel and not rel.endswith(".pyc"):
+                assert not dockerignored(rel, patterns), f"{rel} is left out of the image"
+
+
+@pytest.mark.parametrize(
+    ("path", "ignored"),
+    [
+        ("worker/tools/data/dev.jsonl", False),  # package data
+        ("heads/smollm2-135m-instruct.safetensors", False),
+        ("wheelhouse/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl", False),
+        ("README.md", False),
+        (".venv/lib/python3.11/site-packages/torch/__init__.py", True),
+        (".git/config", True),
+        (".env", True),
+        ("tests/test_compose.py", True),
+        ("scripts/compose-test.sh", True),
+        ("worker/__pycache__/engine.cpython-311.pyc", True),
+        ("models/SmolLM2-135M-Instruct.Q4_1.gguf", True),
+        ("worker/SmolLM2-135M-Instruct.Q4_1.gguf", True),
+        ("data/in.jsonl", True),
+        ("messages.jsonl", True),
+        ("model.safetensors", True),
+        ("out/results.jsonl", True),
+    ],
+)
+def test_dockerignore_keeps_package_data_and_heads_and_drops_local_state(path, ignored):
+    assert dockerignored(path, dockerignore_patterns()) is ignored
+
+
+def test_the_wheelhouse_is_an_option_of_the_build_stage_only(dockerfile, final_stage, services):
+    build_stages = stages(dockerfile)[:-1]
+    assert any("wheelhouse" in " ".join(copy_sources(stage)) for stage in build_stages)
+    assert not any("wheelhouse" in src for src in copy_sources(final_stage)), "the wheels would stay in the image"
+    assert any(k == "ARG" and a.startswith("PIP_NO_INDEX=0") for stage in build_stages for k, a in stage)
+    # The folder exists in a clean clone, so COPY wheelhouse/ never fails
+    assert (PROJECT_ROOT / "wheelhouse" / "README.md").is_file()
+    assert "!/wheelhouse/README.md" in (PROJECT_ROOT / ".gitignore").read_text().splitlines()
+    for name in ("worker", "producer"):
+        assert "PIP_NO_INDEX" in services[name]["build"]["args"]
 
 
 def test_dockerfile_installs_torch_pinned_from_the_cpu_index_first(dockerfile):
@@ -298,5 +532,124 @@ def test_a_dockerfile_with_a_risky_torch_is_caught(text, problem):
 def test_dockerignore_keeps_local_state_out_of_the_context():
     ignored = {line.strip() for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines()}
     assert {".venv", ".git", ".env", ".pytest_cache", "*.egg-info"} <= ignored
-    for needed in ("pyproject.toml", "worker", "producer", "celeryconfig.py", "README.md"):
+    for needed in ("pyproject.toml", "worker", "producer", "celeryconfig.py", "README.md", "heads", "wheelhouse"):
         assert needed not in ignored
+        assert not dockerignored(needed, dockerignore_patterns())
+
+
+# ------------------------------------------------------------------------------------------------ test override
+
+
+def test_the_users_compose_file_holds_nothing_of_the_test(services):
+    text = (PROJECT_ROOT / "docker-compose.yml").read_text()
+    for word in ("gguf", "SmolLM", "compose-test", "COMPOSE_TEST", "allinone-local"):
+        assert word not in text
+    assert resolve(environment(services["worker"])["HF_HUB_OFFLINE"]) == "0"
+
+
+def test_the_test_stack_publishes_no_host_port(test_override):
+    # Other Redis servers own this machine's 6379 during the tests
+    assert test_override["services"]["redis"]["ports"] is RESET
+    for service in test_override["services"].values():
+        assert "ports" not in service or service["ports"] is RESET
+
+
+def test_the_test_stack_runs_the_offline_demo_model_from_a_read_only_mount(test_override):
+    worker = test_override["services"]["worker"]
+    env = environment(worker)
+    model = env["ALLINONE_MODEL"] or ""
+    assert model.endswith(".gguf") and env["HF_HUB_OFFLINE"] == "1"
+    mounts = [v.rsplit(":", 2) for v in worker["volumes"]]
+    assert [model, "ro"] in [m[1:] for m in mounts], "the GGUF file is not mounted read-only where the model points"
+    # A relative head is read from the image's working directory, where the Dockerfile copies heads/
+    head = env["ALLINONE_SENTIMENT_HEAD"] or ""
+    assert head.startswith("heads/") and (PROJECT_ROOT / head).is_file()
+
+
+def test_the_test_stack_has_its_own_image_tag(services, test_override):
+    tag = test_override["services"]["worker"]["image"]
+    assert tag != services["worker"]["image"], "the test would replace the user's image"
+    assert test_override["services"]["producer"]["image"] == tag
+
+
+def test_the_test_stack_settings_are_valid_and_redeliver_fast(services, test_override, monkeypatch):
+    merged = {**environment(services["worker"]), **environment(test_override["services"]["worker"])}
+    assert unknown_settings({k for k in merged if k.startswith("ALLINONE_")}) == set()
+    for key, value in merged.items():
+        if key.startswith("ALLINONE_") and value is not None:
+            monkeypatch.setenv(key, resolve(value) or "")
+    s = Settings(_env_file=None)
+    # Short, so the kill test ends in seconds; above the longest task, so no message runs twice
+    assert s.reply_timeout_seconds < s.visibility_timeout_seconds <= 60
+    worker = {**services["worker"], **test_override["services"]["worker"]}
+    grace = seconds(worker["stop_grace_period"])
+    assert grace > s.reply_timeout_seconds
+
+
+# ------------------------------------------------------------------------------------------------ README
+
+
+def compose_section_commands() -> list[list[str]]:
+    """The words after ``docker compose`` of each command in the README's compose section's code blocks."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme.split("## Running with docker compose", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            if "docker" in words and words[words.index("docker") + 1 :][:1] == ["compose"]:
+                commands.append(words[words.index("docker") + 2 :])
+    return commands
+
+
+def command_shape(words: list[str]) -> str:
+    """Subcommands, services and options up to the first value a user chooses (an id, a text): what a run of
+    the same command shares with the README's."""
+    shape = []
+    for word in words:
+        if word == "-T":  # no TTY: how a script runs it, the same command otherwise
+            continue
+        if not re.fullmatch(r"-{1,2}[a-z-]+|[a-z]+|[a-z]+=\d+", word):
+            break
+        shape.append(word)
+    return " ".join(shape)
+
+
+def test_the_readme_compose_commands_are_the_ones_the_compose_test_runs():
+    script = (PROJECT_ROOT / "scripts" / "compose-test.sh").read_text()
+    # Every call of the script's compose function (docker compose with the test's project and files)
+    ran = {command_shape(m.split()) for m in re.findall(r"(?<![\w-])compose ([^|>\n]*)", script)}
+    commands = compose_section_commands()
+    assert len(commands) >= 6
+    for words in commands:
+        shape = command_shape(words)
+        assert any(r == shape or r.startswith(shape + " ") for r in ran), f"README: docker compose {shape}"
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """A YAML loader that refuses a mapping key written twice (Docker Compose refuses such a file)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        written = list(node.value)  # as written, before merge keys (<<) bring in the anchor's entries
+        self.flatten_mapping(node)
+        for key_node, _ in written:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.test.yml"])
+def test_no_key_is_written_twice(name):
+    _UniqueKeys.add_constructor("!reset", lambda loader, node: None)
+    _UniqueKeys.add_constructor("!override", lambda loader, node: None)
+    yaml.load((PROJECT_ROOT / name).read_text(), Loader=_UniqueKeys)  # noqa: S506
+
+
+def test_a_key_written_twice_is_caught():
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'A'"):
+        yaml.load("x:\n  A: 1\n  A: 2\n", Loader=_UniqueKeys)  # noqa: S506

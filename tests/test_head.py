@@ -91,31 +91,6 @@ def test_engine_with_a_head_classifies_with_it(trained, tiny_settings, tmp_path)
     assert [s.label for s in out] == ["positive"] * len(POS) + ["negative"] * len(NEG)
 
 
-def test_calibrate_cli_trains_a_head_the_engine_loads(tiny_settings, tmp_path, monkeypatch, capsys):
-    import json
-
-    from worker import calibrate
-
-    rows = [{"text": t, "label": "positive"} for t in POS] + [{"text": t, "label": "negative"} for t in NEG]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    monkeypatch.setenv("ALLINONE_MODEL", tiny_settings.model)
-    monkeypatch.setenv("ALLINONE_DTYPE", "float32")
-    monkeypatch.setenv("ALLINONE_THREADS", "1")
-    out = tmp_path / "h.safetensors"
-    assert calibrate.main(["--train", str(data), "--out", str(out), "--limit", "30"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["train_n"] == 30 and info["train_positive"] == 15 and info["bytes"] == out.stat().st_size
-    assert SentimentHead.load(out).meta["prompt"] == calibrate.prompt_fingerprint()
-    # an inner layer's state, by name
-    out2 = tmp_path / "h2.safetensors"
-    assert calibrate.main(["--train", str(data), "--out", str(out2), "--features", "layer1,logits", "--c", "0.1"]) == 0
-    head = SentimentHead.load(out2)
-    assert head.layers == (1,) and head.dim == head.hidden_size + 2 and head.meta["c"] == 0.1
-    with pytest.raises(HeadError, match="unknown head feature 'middle'"):
-        calibrate.main(["--train", str(data), "--out", str(out2), "--features", "middle"])
-
-
 def test_a_head_on_inner_layers_is_trained_saved_and_used_by_the_engine(tiny_engine, tiny_settings, tmp_path):
     # Given a head reading layer 1's state beside the final one
     features = ("layer1", "hidden", "logits")

@@ -61,6 +61,15 @@ def test_an_expired_heartbeat_is_not_ready():
     assert result["ok"] is False and result["status"] == "no_worker" and result["workers"] == []
 
 
+def test_a_worker_is_named_anew_at_every_start_and_stays_on_its_host():
+    # A restarted container may reuse the hostname and the pid: the new process must not pass for the dead one
+    from worker.runtime import worker_name
+
+    first, second = worker_name(), worker_name()
+    assert first != second
+    assert on_host(first, socket.gethostname()) and not on_host(first, socket.gethostname() + "0")
+
+
 def test_this_host_counts_only_workers_on_this_machine():
     store = MemoryStore()
     store.heartbeat("allinone-1@web1", HEARTBEAT, ttl=15)

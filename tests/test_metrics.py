@@ -1,76 +1,56 @@
-"""Prometheus metrics: the worker's (served on ALLINONE_METRICS_PORT, counted in the store's transitions) and the
-web app's, each exposing exactly the names docs/streaming.md documents."""
+"""The metric functions, on hand-computed cases."""
 
 from __future__ import annotations
 
-import re
-import time
-
-import httpx
 import pytest
 
-from producer.web.metrics import WebMetrics
-from worker import metrics
-from worker.schemas import Sentiment
-from worker.settings import Settings
-from worker.store import Keys, MemoryStore
-from worker.testing import PROJECT_ROOT, free_port
+from worker.tools import metrics
 
-DOC = (PROJECT_ROOT / "docs" / "streaming.md").read_text()
+P, N = "positive", "negative"
 
 
-def documented(component: str) -> set[str]:
-    """The metric names docs/streaming.md lists for ``component`` (worker or web)."""
-    section = DOC.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
-    return {name for comp, name in re.findall(r"^\| (worker|web) \| `(\w+)`", section, flags=re.M) if comp == component}
+def test_confusion_matrix_rows_are_truth_and_columns_predictions():
+    # Given 3 positives (2 found) and 2 negatives (1 found)
+    y_true = [P, P, P, N, N]
+    y_pred = [P, P, N, P, N]
+    # Then
+    cm = metrics.confusion_matrix(y_true, y_pred)
+    assert cm == [[2, 1], [1, 1]]
+    assert metrics.accuracy(cm) == pytest.approx(3 / 5)
+    assert metrics.per_class_recall(cm) == {P: pytest.approx(2 / 3), N: pytest.approx(1 / 2)}
+    assert metrics.positive_rate(cm) == pytest.approx(3 / 5)
+    # F1 positive: 2*2/(3+3) = 2/3; F1 negative: 2*1/(2+2) = 1/2
+    assert metrics.per_class_f1(cm) == {P: pytest.approx(2 / 3), N: pytest.approx(1 / 2)}
+    assert metrics.macro_f1(cm) == pytest.approx((2 / 3 + 1 / 2) / 2)
 
 
-def exposed(text: str) -> set[str]:
-    families = set(re.findall(r"^# TYPE (\w+) \w+", text, flags=re.M))
-    # prometheus-client names a counter's family without its _total suffix in TYPE lines
-    return {f"{name}_total" if f"{name}_total" in text else name for name in families}
+def test_macro_f1_of_a_classifier_that_never_says_negative():
+    cm = metrics.confusion_matrix([P, P, N, N], [P, P, P, P])
+    assert cm == [[2, 0], [2, 0]]
+    assert metrics.per_class_f1(cm) == {P: pytest.approx(2 / 3), N: 0.0}
+    assert metrics.positive_rate(cm) == 1.0
 
 
-@pytest.mark.integration
-def test_worker_metrics_count_what_the_store_wrote_and_are_served_on_their_port(redis_url):
-    # Given a worker's store measured, with metrics served on a port
-    port = free_port()
-    settings = Settings(redis_url=redis_url, metrics_port=port, live_queue="live")
-    store = metrics.start(settings, MemoryStore(), "tiny-model")
-    assert isinstance(store, metrics.MeasuredStore)
-    # When turns go through their transitions (one of them twice: a duplicate task)
-    store.create_turn("c", "m1", "hello", queue="live")
-    store.mark_enqueued("m1")
-    store.mark_classified("m1", Sentiment(label="positive", confidence=0.9), "tiny-model")
-    store.mark_done("m1", "hi", "tiny-model", timing={"new_tokens": 10, "seconds": 0.5})
-    store.mark_done("m1", "hi again", "tiny-model")  # lost the race: not counted
-    store.create_turn("c", "m2", "bad", queue="live")
-    store.mark_failed("m2", "invalid message")
-    # Then the scrape shows them, with queue depth and dead letters read from Redis
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    assert 'allinone_messages_total{queue="live",status="done"} 1.0' in text
-    assert 'allinone_messages_total{queue="live",status="classified"} 1.0' in text
-    assert 'allinone_messages_total{queue="live",status="failed"} 1.0' in text
-    assert "allinone_reply_tokens_total 10.0" in text and "allinone_reply_tokens_per_second_sum 20.0" in text
-    assert 'allinone_model_loaded{model="tiny-model"} 1.0' in text and "allinone_redis_up 1.0" in text
-    assert 'allinone_queue_depth{queue="live"} 0.0' in text and "allinone_dead_letters 0.0" in text
-    assert exposed(text) == documented("worker")
+def test_ece_is_the_weighted_gap_between_confidence_and_accuracy():
+    # Given two bins: [0.9, 1.0) holds 0.9, 0.9 (one right: accuracy 0.5); [0.6, 0.7) holds 0.6, 0.6 (both right)
+    conf = [0.9, 0.9, 0.6, 0.6]
+    correct = [True, False, True, True]
+    # Then ECE = 2/4 * |0.5 - 0.9| + 2/4 * |1.0 - 0.6| = 0.4
+    assert metrics.expected_calibration_error(conf, correct) == pytest.approx(0.4)
+    bins = metrics.reliability_bins(conf, correct)
+    assert len(bins) == 10 and sum(b["count"] for b in bins) == 4
+    assert bins[9]["count"] == 2 and bins[9]["accuracy"] == 0.5 and bins[9]["confidence"] == pytest.approx(0.9)
+    assert bins[6]["count"] == 2 and bins[6]["accuracy"] == 1.0
 
 
-def test_worker_metrics_are_off_by_default_and_a_scrape_never_waits_on_a_redis_that_is_away():
-    store = MemoryStore()
-    assert metrics.start(Settings(), store, "m") is store  # no port: nothing served, the store as it is
-    collector = metrics.RedisCollector(f"redis://127.0.0.1:{free_port()}/0", ["live"], Keys("allinone"))
-    t0 = time.monotonic()
-    families = {f.name: f for f in collector.collect()}
-    assert time.monotonic() - t0 < 2.0
-    assert families["allinone_redis_up"].samples[0].value == 0 and "allinone_queue_depth" not in families
+def test_ece_of_a_perfectly_calibrated_set_is_zero_and_confidence_one_lands_in_the_top_bin():
+    assert metrics.expected_calibration_error([0.75] * 4, [True, True, True, False]) == pytest.approx(0.0)
+    assert metrics.reliability_bins([1.0], [True])[9]["count"] == 1
+    assert metrics.expected_calibration_error([], []) == 0.0
 
 
-def test_web_metrics_are_the_documented_names():
-    m = WebMetrics()
-    m.requests.labels("submit", "202").inc()
-    m.request_seconds.labels("submit").observe(0.01)
-    m.submit_seconds.observe(0.01)
-    m.sse_events.labels("token").inc()
-    assert exposed(m.render().decode()) == documented("web")
+def test_roc_auc_counts_the_pairs_a_score_orders_right():
+    # 2 positives x 2 negatives = 4 pairs: (0.9 > 0.1), (0.9 > 0.5), (0.5 = 0.5: half), (0.5 > 0.1) -> 3.5 / 4
+    assert metrics.roc_auc([0.9, 0.5, 0.5, 0.1], [P, P, N, N]) == pytest.approx(0.875)
+    assert metrics.roc_auc([0.1, 0.2, 0.8, 0.9], [P, P, N, N]) == 0.0
+    assert metrics.roc_auc([0.7] * 4, [P, N, P, N]) == 0.5  # one constant score ranks nothing

@@ -1,14 +1,19 @@
-"""The sweep that re-sends turns whose task was lost."""
+"""Getting lost work back: a dead worker's held messages, and the sweep that re-sends turns whose task was lost."""
 
 from __future__ import annotations
 
 import pytest
+import redis
 from celery import Celery
 from test_producer import queued
 
-from worker.recovery import sweep_stale
-from worker.schemas import Sentiment
-from worker.store import MemoryStore
+from producer.client import make_celery
+from worker import contract, recovery
+from worker.errors import StoreUnavailable
+from worker.recovery import put_back_orphans, reclaim, sweep_stale
+from worker.schemas import HeldTask, Sentiment
+from worker.settings import Settings
+from worker.store import MemoryStore, RedisStore
 from worker.testing import ManualClock
 
 
@@ -16,7 +21,8 @@ from worker.testing import ManualClock
 def app():
     a = Celery("test-recovery", broker="memory://")
     a.conf.task_serializer = "json"
-    queued(a, "live")  # the in-memory broker is shared by the whole process: start from an empty queue
+    for queue in ("live", "bulk"):  # the in-memory broker is shared by the whole process: start from empty queues
+        queued(a, queue)
     return a
 
 
@@ -58,3 +64,130 @@ def test_no_resend_while_the_queue_has_a_backlog(app):
     store.queue_length = lambda queue: 250  # its message may still be waiting in there
     assert sweep_stale(store, app, stale_after_seconds=30, default_queue="live") == []
     assert queued(app, "live") == []
+
+
+# ---------------------------------------------------------------------------------------- a dead worker's work
+
+
+def held(task_id: str, task: str, *message_ids: str, reply: bool = False, queue: str = "live") -> HeldTask:
+    return HeldTask(task_id=task_id, task=task, delivery_tag=f"tag-{task_id}", queue=queue,
+                    payloads=[{"message_id": m, "conversation_id": "c"} for m in message_ids], reply=reply,
+                    received_at=1.0)
+
+
+def test_a_dead_workers_unfinished_turns_are_sent_again_and_its_list_emptied(app):
+    # Given a worker that died holding a reply of an unfinished turn and one of a turn finished just before death
+    # (the in-memory broker keeps nothing unacknowledged, so nothing can be put back as it was)
+    clock = ManualClock()
+    store = MemoryStore(clock=clock)
+    store.create_turn("c", "open", "its worker died mid-reply", queue="live")
+    store.create_turn("c", "finished", "done just before the kill")
+    store.mark_done("finished", "ok", "m")
+    store.heartbeat("dead", {"pid": 1}, ttl=15)
+    store.hold("dead", held("t1", contract.REPLY, "open"))
+    store.hold("dead", held("t2", contract.REPLY, "finished"))
+    store.heartbeat("me", {"pid": 2}, ttl=15)
+    # When its heartbeat expires and we look
+    clock.now += 16
+    store.heartbeat("me", {"pid": 2}, ttl=15)
+    back = reclaim(store, app, "me")
+    # Then only the unfinished turn is sent again, and nobody holds anything any more
+    assert sorted(t.task_id for t in back) == ["t1", "t2"]
+    (msg,) = queued(app, "live")
+    assert msg["task"] == contract.CLASSIFY and msg["args"] == [{"message_id": "open", "conversation_id": "c"}]
+    assert store.held_message_ids() == set() and store.dead_holders() == []
+    assert reclaim(store, app, "me") == []
+
+
+def test_a_live_worker_is_never_robbed_however_long_its_task(app):
+    clock = ManualClock()
+    store = MemoryStore(clock=clock)
+    store.create_turn("c", "m1", "a long reply")
+    store.hold("busy", held("t1", contract.REPLY, "m1"))
+    for _ in range(20):  # a reply far longer than the heartbeat TTL, its worker beating all along
+        store.heartbeat("busy", {"pid": 1}, ttl=15)
+        clock.now += 5
+        assert reclaim(store, app, "me") == []
+    assert queued(app, "live") == [] and store.held_message_ids() == {"m1"}
+
+
+def test_a_dead_workers_bulk_batch_comes_back_as_one_batch_of_its_unfinished_turns(app):
+    clock = ManualClock()
+    store = MemoryStore(clock=clock)
+    store.create_turns([("c", f"b{i}", f"row {i}") for i in range(3)], queue="bulk")
+    store.mark_done("b0", "", "m")
+    store.hold("dead", held("t1", contract.CLASSIFY_BATCH, "b0", "b1", "b2", reply=True, queue="bulk"))
+    reclaim(store, app, "me")
+    (msg,) = queued(app, "bulk")
+    assert msg["task"] == contract.CLASSIFY_BATCH and msg["kwargs"] == {"reply": True}
+    assert [p["message_id"] for p in msg["args"][0]] == ["b1", "b2"]
+
+
+def test_records_claimed_by_a_pass_that_failed_are_finished_by_the_next(app, monkeypatch):
+    store = MemoryStore(clock=ManualClock())
+    store.create_turn("c", "m1", "x", queue="live")
+    store.hold("dead", held("t1", contract.REPLY, "m1"))
+
+    def redis_away(*_):
+        raise StoreUnavailable("Redis did not answer")
+
+    monkeypatch.setattr(contract, "put_back", redis_away)
+    with pytest.raises(StoreUnavailable):
+        reclaim(store, app, "me")
+    assert [t.task_id for t in store.held_by("me", claimed=True)] == ["t1"]  # claimed, not yet back
+    monkeypatch.undo()
+    assert [t.task_id for t in reclaim(store, app, "me")] == ["t1"]
+    assert [m["args"][0]["message_id"] for m in queued(app, "live")] == ["m1"]
+    assert store.held_by("me", claimed=True) == []
+
+
+def test_the_sweep_leaves_alone_a_turn_a_worker_holds(app):
+    clock = ManualClock()
+    store = MemoryStore(clock=clock)
+    store.create_turn("c", "waiting", "a reply held until its countdown is due", queue="live")
+    store.create_turn("c", "lost", "nobody has its message", queue="live")
+    store.heartbeat("w1", {"pid": 1}, ttl=15)
+    store.hold("w1", held("t1", contract.REPLY, "waiting"))
+    clock.now += 100
+    assert sweep_stale(store, app, stale_after_seconds=30, default_queue="live") == ["lost"]
+
+
+@pytest.mark.integration
+def test_a_message_taken_by_a_worker_that_died_before_recording_it_is_put_back(redis_url, monkeypatch):
+    # Given two messages the broker delivered and holds unacknowledged: one a worker holds, one nobody holds (its
+    # worker died between the broker's record and its own)
+    app = make_celery(Settings(redis_url=redis_url))
+    store = RedisStore(redis.Redis.from_url(redis_url, decode_responses=True))
+    contract.send_turn(app, "m-held", "c", "live")
+    contract.send_turn(app, "m-orphan", "c", "live")
+    r = redis.Redis.from_url(redis_url)
+    with app.connection_for_read() as conn:
+        taken = [conn.channel().basic_get("live", no_ack=False) for _ in range(2)]
+        held_msg, orphan = sorted(taken, key=lambda m: m.decode()[0][0]["message_id"])
+        store.hold("w1", HeldTask(task_id=held_msg.headers["id"], task=contract.CLASSIFY, queue="live",
+                                  delivery_tag=held_msg.delivery_tag, payloads=[], received_at=0.0))
+        # When a worker looks, once they are older than the moment a worker needs to record what it took
+        assert put_back_orphans(store, app, ["live"]) == set()  # too recent: its worker may be recording it
+        monkeypatch.setattr(recovery, "ORPHAN_AFTER_SECONDS", 0.0)
+        monkeypatch.setattr(recovery, "ORPHAN_SECOND_LOOK_SECONDS", 0.0)
+        back = put_back_orphans(store, app, ["live"])
+        # Then only the one nobody holds is back on its queue; messages of other queues are not ours
+        assert back == {orphan.delivery_tag}
+        assert r.llen("live") == 1 and r.hexists("unacked", held_msg.delivery_tag)
+        assert put_back_orphans(store, app, ["bulk"]) == set()
+
+
+@pytest.mark.integration
+def test_a_task_that_just_ended_is_not_put_back_on_its_way_to_the_acknowledgement(redis_url, monkeypatch):
+    # Given a message whose task has just ended: released by its worker, its acknowledgement a moment away
+    app = make_celery(Settings(redis_url=redis_url))
+    store = RedisStore(redis.Redis.from_url(redis_url, decode_responses=True))
+    contract.send_turn(app, "m1", "c", "live")
+    monkeypatch.setattr(recovery, "ORPHAN_AFTER_SECONDS", 0.0)
+    with app.connection_for_read() as conn:
+        msg = conn.channel().basic_get("live", no_ack=False)
+        # When a worker looks in between, and the acknowledgement lands during its second look
+        monkeypatch.setattr(recovery.time, "sleep", lambda _: msg.ack())
+        # Then it is not put back: nothing would run it a second time
+        assert put_back_orphans(store, app, ["live"]) == set()
+        assert redis.Redis.from_url(redis_url).llen("live") == 0

@@ -13,6 +13,10 @@ def test_defaults_match_the_product():
     assert s.live_queue != s.bulk_queue
     # the redelivery timeout must outlast the longest task, or a slow reply would run twice
     assert s.visibility_timeout_seconds > s.reply_timeout_seconds
+    # a crashed worker's work is back within the heartbeat TTL, long before Redis would redeliver it, and a reply
+    # waiting for an earlier turn waits longer than that turn's recovery and its longest task
+    assert s.heartbeat_ttl_seconds + 1 < s.visibility_timeout_seconds
+    assert s.order_wait_seconds > s.heartbeat_ttl_seconds + 1 + s.reply_timeout_seconds
 
 
 def test_every_field_is_described():

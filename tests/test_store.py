@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from worker.errors import MessageIdConflict, StoreUnavailable, UnknownConversation, UnknownMessage
-from worker.schemas import Sentiment, Status
+from worker.schemas import HeldTask, Sentiment, Status
 from worker.store import Keys, MemoryStore, RedisStore, ResultsStore
 from worker.testing import ManualClock, free_port
 
@@ -262,6 +262,68 @@ def test_locks_expire(store):
         assert 0 < store.r.ttl(store.keys.lock("sweep")) <= 60
 
 
+def held(task_id: str, *message_ids: str) -> HeldTask:
+    return HeldTask(task_id=task_id, task="allinone.reply", delivery_tag=f"tag-{task_id}", queue="live",
+                    payloads=[{"message_id": m, "conversation_id": "c"} for m in message_ids], received_at=1.0)
+
+
+def test_a_worker_holds_a_task_until_its_task_ends(store):
+    store.heartbeat("w1", {"pid": 1}, ttl=10)
+    store.hold("w1", held("t1", "m1"))
+    store.hold("w1", held("t2", "m2", "m3"))
+    assert sorted(t.task_id for t in store.held_by("w1")) == ["t1", "t2"]
+    assert store.held_message_ids() == {"m1", "m2", "m3"}
+    store.release("w1", "t1")
+    assert [t.task_id for t in store.held_by("w1")] == ["t2"]
+    assert store.held_message_ids() == {"m2", "m3"}
+    assert store.dead_holders() == []  # it beats
+
+
+def test_only_a_dead_workers_messages_are_claimed_and_by_one_claimer_only(store):
+    # Given a live worker, one whose heartbeat is gone (killed; its key expired), and us
+    store.heartbeat("alive", {"pid": 1}, ttl=10)
+    store.hold("alive", held("t1", "m1"))
+    store.hold("dead", held("t2", "m2"))
+    store.heartbeat("me", {"pid": 1}, ttl=10)
+    store.hold("me", held("t3", "m3"))
+    assert store.dead_holders() == ["dead"]
+    # When we claim: the live worker is never robbed, the dead one's records move to us, and a second claimer
+    # gets nothing
+    assert store.claim_held("alive", by="me") is None
+    assert [t.task_id for t in store.claim_held("dead", by="me")] == ["t2"]
+    assert store.claim_held("dead", by="other") == []
+    # Then they wait in our list, apart from what we hold ourselves, until we say they are back on a queue
+    assert store.dead_holders() == []
+    assert [t.task_id for t in store.held_by("me")] == ["t3"]
+    assert [t.task_id for t in store.held_by("me", claimed=True)] == ["t2"]
+    assert store.held_message_ids() == {"m1", "m2", "m3"}
+    store.release("me", "t2")  # our own task t2 ending is another record
+    assert [t.task_id for t in store.held_by("me", claimed=True)] == ["t2"]
+    store.release("me", "t2", claimed=True)
+    assert store.held_by("me", claimed=True) == [] and store.held_message_ids() == {"m1", "m3"}
+    assert [t.task_id for t in store.held_by("alive")] == ["t1"]
+
+
+def test_a_claimer_that_dies_hands_its_claimed_records_on(store):
+    store.hold("first", held("t1", "m1"))
+    store.claim_held("first", by="second")  # "second" never beats either: it died after claiming
+    assert store.dead_holders() == ["second"]
+    assert [t.task_id for t in store.claim_held("second", by="third")] == ["t1"]
+    assert [t.task_id for t in store.held_by("third", claimed=True)] == ["t1"]  # claimed once, not twice
+
+
+def test_a_worker_is_dead_once_its_heartbeat_expires():
+    clock = ManualClock()
+    store = MemoryStore(clock=clock)
+    store.heartbeat("w1", {"pid": 1}, ttl=15)
+    store.hold("w1", held("t1", "m1"))
+    clock.now += 14
+    assert store.dead_holders() == [] and store.claim_held("w1", by="me") is None
+    clock.now += 2
+    assert store.dead_holders() == ["w1"]
+    assert [t.task_id for t in store.claim_held("w1", by="me")] == ["t1"]
+
+
 def test_dead_letters_newest_first(store):
     store.dead_letter({"payload": 1}, "first")
     store.dead_letter("garbage", "second")
@@ -290,6 +352,7 @@ def test_key_names_are_as_the_readme_documents():
     assert (keys.conv("c1"), keys.turn("m1"), keys.deadletter()) == ("p:conv:c1", "p:turn:m1", "p:deadletter")
     assert (keys.worker("w1"), keys.pending(), keys.lock("sweep")) == ("p:worker:w1", "p:pending", "p:lock:sweep")
     assert keys.events("m1") == "p:events:m1"
+    assert (keys.held("w1"), keys.holders()) == ("p:held:w1", "p:holders")
     assert (keys.worker.match, keys.everything) == ("p:worker:*", "p:*")
     assert keys.worker.id_of("p:worker:host:1") == "host:1"
     with pytest.raises(ValueError):
@@ -306,8 +369,9 @@ def test_redis_store_writes_only_the_keys_it_declares():
     store.heartbeat("w1", {"model": "m"}, ttl=10)
     store.dead_letter("garbage", "why")
     store.try_lock("sweep", ttl_seconds=10)
+    store.hold("w1", held("t1", "m1"))
     expected = [keys.conv("c1"), keys.turn("m1"), keys.events("m1"), keys.pending(), keys.worker("w1"),
-                keys.deadletter(), keys.lock("sweep")]
+                keys.deadletter(), keys.lock("sweep"), keys.held("w1"), keys.holders()]
     assert sorted(r.keys("*")) == sorted(expected)
     assert r.lrange(keys.conv("c1"), 0, -1) == ["m1"]
     assert r.hget(keys.turn("m1"), "status") == "queued"

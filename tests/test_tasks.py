@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from worker import runtime, tasks
@@ -106,3 +108,25 @@ def test_waiting_for_order_is_not_limited_by_celerys_default_of_three_retries():
     # task.retry(max_retries=None) means "the task's own limit"; Celery's default of 3 made replies that waited
     # for a slow earlier turn fail (the chaos run showed it). The order wait bounds the waiting instead.
     assert tasks.reply.max_retries is None and tasks.classify.max_retries is None
+
+
+def received(name: str, args: list, kwargs: dict | None = None, task_id: str = "t1") -> SimpleNamespace:
+    """What Celery hands the task_received signal: the request of a message the worker just took."""
+    return SimpleNamespace(id=task_id, name=name, args=args, kwargs=kwargs or {},
+                           message=SimpleNamespace(delivery_tag="tag-1"), delivery_info={"routing_key": "bulk"})
+
+
+def test_a_received_message_is_held_until_its_task_ends(store, monkeypatch):
+    monkeypatch.setattr(runtime, "_name", "w1")
+    payload = {"message_id": "m1", "conversation_id": "c"}
+    tasks._hold(received("allinone.reply", [payload]))
+    (held,) = store.held_by("w1")
+    assert (held.task, held.delivery_tag, held.queue, held.payloads) == ("allinone.reply", "tag-1", "bulk", [payload])
+    tasks._release("t1")
+    assert store.held_by("w1") == []
+
+
+def test_a_held_bulk_batch_keeps_its_payloads_and_its_reply_flag():
+    payloads = [{"message_id": f"b{i}", "conversation_id": "c"} for i in range(3)]
+    held = tasks.held_task(received("allinone.classify_batch", [payloads], {"reply": True}))
+    assert held.payloads == payloads and held.reply is True and held.message_ids() == ["b0", "b1", "b2"]

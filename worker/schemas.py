@@ -99,6 +99,24 @@ class TaskPayload(BaseModel):
     conversation_id: str
 
 
+class HeldTask(BaseModel):
+    """A task message a worker holds: running it, or keeping it until its countdown is due (a reply waiting for an
+    earlier turn). Recorded in the store when the worker receives it and dropped when its task ends, so that if
+    the worker dies a live one can put it back at once (``worker.recovery``)."""
+
+    task_id: str
+    task: str = Field(description="The task name (worker.contract).")
+    delivery_tag: str | None = Field(None, description="The broker's tag of the delivery: how to put it back.")
+    queue: str
+    payloads: list[Any] = Field(description="The task's payload(s) as received: one, or a bulk batch's list.")
+    reply: bool = Field(False, description="A bulk batch's flag: its worker sends each turn's reply.")
+    received_at: float
+
+    def message_ids(self) -> list[str]:
+        """The turns this task works on (payloads that do not name one are left out)."""
+        return [p["message_id"] for p in self.payloads if isinstance(p, dict) and isinstance(p.get("message_id"), str)]
+
+
 def new_message_id() -> str:
     return uuid.uuid4().hex
 

@@ -43,25 +43,35 @@ class Settings(BaseSettings):
     )
     live_queue: str = Field("live", description="Queue for single messages (web backends); consumed first.")
     bulk_queue: str = Field("bulk", description="Queue for back-processing jobs; consumed when live is empty.")
+    heartbeat_ttl_seconds: int = Field(
+        15,
+        ge=3,
+        description="A worker's heartbeat lasts this long; it beats every third of it, also through a long reply. "
+        "When it expires (the worker was killed, its machine lost), a live worker puts the task messages it held "
+        "back at the head of their queue within a second: a crashed worker's work is back this long after the "
+        "crash, plus a second.",
+    )
     visibility_timeout_seconds: int = Field(
         600,
         ge=2,
-        description="A task taken by a worker that dies unacknowledged is redelivered after this long. "
+        description="The last resort: a task taken by a worker that died unacknowledged, and that no live worker "
+        "put back (see heartbeat_ttl_seconds), is redelivered by Redis after this long. "
         "Must exceed the longest task (reply_timeout_seconds plus a batch of sentiment).",
     )
     order_wait_seconds: float = Field(
         1800.0,
         ge=0,
         description="A reply waits (re-queued with a countdown) up to this long for the earlier turns of its "
-        "conversation to finish, so its prompt holds exactly the turns before it. Keep it above the visibility "
-        "timeout: an earlier turn held by a crashed worker comes back only after that.",
+        "conversation to finish, so its prompt holds exactly the turns before it. Keep it well above "
+        "heartbeat_ttl_seconds plus the longest task: an earlier turn held by a crashed worker comes back only "
+        "after that.",
     )
     stale_after_seconds: float = Field(
-        1800.0,
+        60.0,
         ge=0,
-        description="A turn submitted one by one that no task has touched for this long is re-enqueued by a "
-        "worker (its message was lost between Redis and a worker that died). 0 turns the sweep off. Keep it "
-        "above the visibility timeout plus the reply bound.",
+        description="A turn submitted one by one that no worker holds, whose queue is empty, and that no task has "
+        "touched for this long is re-enqueued by a worker (its message was lost between Redis and a worker that "
+        "died before recording it, or its producer died before sending it). 0 turns the sweep off.",
     )
     redis_retry_seconds: float = Field(
         10.0, ge=0, description="The producer retries a Redis that does not answer, with backoff, this long."
@@ -93,7 +103,7 @@ class Settings(BaseSettings):
     )
     sentiment_batch_size: int = Field(16, ge=1, le=512, description="Messages per forward pass on the bulk path.")
     sentiment_head: Path | None = Field(
-        None, description="A trained sentiment head (python -m worker.calibrate); absent: prompt scoring alone."
+        None, description="A trained sentiment head (python -m worker.train_head); absent: prompt scoring alone."
     )
 
     # --- Replies -------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ Errors:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from celery.exceptions import Ignore, Retry
 from worker import contract, events, runtime, steps
 from worker.app import app
 from worker.errors import NotReady, PermanentError, TransientError, UnknownMessage
-from worker.schemas import Status, TaskPayload, parse_payload
+from worker.schemas import HeldTask, Status, TaskPayload, parse_payload
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,41 @@ def classify_batch(self: Task, payloads: list[dict[str, Any]], reply: bool = Fal
 
 
 # ----------------------------------------------------------------------------------------------- lifecycle
+
+
+def held_task(request: Any) -> HeldTask:
+    """What a worker holds once it received a task message: enough to put it back, or send its turns again."""
+    args = list(request.args or [])
+    if request.name == contract.CLASSIFY_BATCH:
+        payloads = args[0] if args and isinstance(args[0], list) else args
+        reply = bool((request.kwargs or {}).get("reply", False))
+    else:
+        payloads, reply = args[:1], False
+    tag = getattr(request.message, "delivery_tag", None)
+    return HeldTask(
+        task_id=request.id, task=request.name, delivery_tag=str(tag) if tag is not None else None,
+        queue=(request.delivery_info or {}).get("routing_key") or get_settings().live_queue,
+        payloads=payloads, reply=reply, received_at=time.time(),
+    )
+
+
+@signals.task_received.connect
+def _hold(request: Any, **_: Any) -> None:
+    # Sent when the worker takes a message, also one it keeps until its countdown is due (a reply waiting for an
+    # earlier turn): from now on, if this worker dies, a live one puts the message back (worker.recovery).
+    runtime.hold(held_task(request))
+
+
+@signals.task_postrun.connect
+def _release(task_id: str, **_: Any) -> None:
+    # Sent after every outcome, and after the chain's next task or a retry was sent: the work is in the broker
+    # again or finished, not held here.
+    runtime.release(task_id)
+
+
+@signals.worker_shutdown.connect
+def _stop(**_: Any) -> None:
+    runtime.stop()
 
 
 @signals.worker_process_init.connect

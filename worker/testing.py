@@ -17,9 +17,11 @@ import argparse
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -240,6 +242,18 @@ CHROMIUM_ARGS = [
 def chromium_binary() -> str | None:
     """The system's chromium (Playwright drives it; its own browser download needs the internet)."""
     return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+_SUCCEEDED = re.compile(r"Task (allinone\.\w+)\[[^\]]+\] succeeded in ([0-9.]+)s")
+
+
+def task_seconds(logs: list[Path]) -> dict[str, float]:
+    """The median time each task took, from real workers' logs (Celery's "Task NAME[ID] succeeded in 0.05s")."""
+    seen: dict[str, list[float]] = {}
+    for log in logs:
+        for name, secs in _SUCCEEDED.findall(log.read_text(errors="replace")):
+            seen.setdefault(name, []).append(float(secs))
+    return {name: statistics.median(v) for name, v in seen.items()}
 
 
 def worker_env(redis_url: str, model: str, cache_dir: Path, **overrides: str) -> dict[str, str]:

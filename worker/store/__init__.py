@@ -15,6 +15,7 @@ What lives where:
   part and a memory part; what the events mean: ``worker.events``).
 - ``aio``: ``AsyncRedisStore``, what asyncio producers need (create, read, follow) on ``redis.asyncio``.
 - ``workers``: the worker side: heartbeats, locks, queue length (a Redis part and a memory part).
+- ``held``: who holds what: each worker's held task messages, claimed by a live worker when it dies.
 - ``deadletters``: task messages that could not be processed (a Redis part and a memory part).
 - ``connection``: the Redis client's retry policy, and Redis errors as ``StoreUnavailable``.
 

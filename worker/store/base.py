@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from worker import events
 from worker.errors import MessageIdConflict, UnknownMessage
 from worker.events import Event
-from worker.schemas import Conversation, Sentiment, Status, Turn
+from worker.schemas import Conversation, HeldTask, Sentiment, Status, Turn
 from worker.store.codec import done_fields
 
 
@@ -132,6 +132,38 @@ class ResultsStore(Protocol):
 
     def queue_length(self, queue: str) -> int:
         """Messages waiting on a Celery queue."""
+        ...
+
+    # held task messages: who holds what, for getting a dead worker's work back (``worker.store.held``) ---------
+    def hold(self, worker: str, task: HeldTask) -> None:
+        """The worker holds this task message (received it; runs it now, or when its countdown is due)."""
+        ...
+
+    def release(self, worker: str, task_id: str, claimed: bool = False) -> None:
+        """The worker holds the task no more: it ended (done, failed, or re-sent by a retry); with ``claimed``,
+        a record the worker claimed from a dead one is dealt with (its message is back on a queue)."""
+        ...
+
+    def held_by(self, worker: str, claimed: bool = False) -> list[HeldTask]:
+        """What the worker holds (``claimed``: the records it claimed from dead workers and has not yet put back)."""
+        ...
+
+    def dead_holders(self) -> list[str]:
+        """Workers that may hold task messages but whose heartbeat expired."""
+        ...
+
+    def claim_held(self, dead: str, by: str) -> list[HeldTask] | None:
+        """Take over everything ``dead`` held, into ``by``'s list as claimed records, atomically; ``None`` (and
+        nothing moved) while ``dead`` still beats. Of two workers claiming at once, one gets the records, the
+        other ``[]``."""
+        ...
+
+    def held_message_ids(self) -> set[str]:
+        """Every turn some worker holds a task message of."""
+        ...
+
+    def held_task_ids(self) -> set[str]:
+        """The task id of every message some worker holds (or claimed from a dead one)."""
         ...
 
     def dead_letter(self, payload: Any, reason: str) -> None:

@@ -7,6 +7,7 @@ equal to it). Code never writes a key name out; it asks a :class:`Keys` built fr
     keys = Keys("allinone")
     keys.turn("m1")        # 'allinone:turn:m1'
     keys.pending()         # 'allinone:pending'
+    keys.held("w1")        # 'allinone:held:w1'
     keys.worker.match      # 'allinone:worker:*' (a SCAN pattern)
     keys.worker.id_of(k)   # the worker name back from a key SCAN found
 
@@ -104,15 +105,32 @@ class Keys:
     worker = Key(
         "worker:{name}",
         "hash",
-        "heartbeat of a worker whose model is loaded (values as JSON); expires seconds after its last beat "
-        "(`worker/runtime.py` beats and sets the TTL)",
+        "heartbeat of a worker whose model is loaded (values as JSON); expires `ALLINONE_HEARTBEAT_TTL_SECONDS` "
+        "after its last beat (`worker/runtime.py` beats), and then the worker counts as dead",
     )
     pending = Key(
         "pending",
         "sorted set",
         "unfinished turns submitted one by one, scored by the last time a task touched them (the stale sweep reads it)",
     )
-    lock = Key("lock:{name}", "string", "a lock that expires by itself: one worker at a time runs the stale sweep")
+    lock = Key(
+        "lock:{name}",
+        "string",
+        "a lock that expires by itself: one worker at a time runs a chore (the stale sweep, the put-back of messages "
+        "no worker holds)",
+    )
+    held = Key(
+        "held:{name}",
+        "hash",
+        "task messages a worker holds (running, or waiting for their countdown): Celery task id ↦ JSON of what to "
+        "put back if the worker dies; written when it receives the message, dropped when the task ends; a live "
+        "worker claims a dead one's as `claimed:<task id>` until they are back on their queue",
+    )
+    holders = Key(
+        "holders",
+        "set",
+        "names of the workers that may have a `held` hash: the reclaim scan reads it instead of scanning keys",
+    )
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix

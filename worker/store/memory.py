@@ -3,8 +3,8 @@ trying the engine without Redis.
 
 It behaves as the Redis store does, expiry included, and keeps turns in the same hash encoding, so the round trip
 the Redis store does is exercised here too. Its clock (injected; wall time by default) drives everything
-time-based: expiry, the pending index, locks, heartbeats and the timestamps it writes. Tests move time forward by
-advancing the clock, never by editing the store's fields.
+time-based: expiry, the pending index, locks, heartbeats (so who is dead, for the held records) and the timestamps
+it writes. Tests move time forward by advancing the clock, never by editing the store's fields.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from worker.store.base import TurnWrites, unknown_message
 from worker.store.codec import check_same, turn_from_fields, turn_to_fields
 from worker.store.deadletters import MemoryDeadLetters
 from worker.store.events import MemoryEvents
+from worker.store.held import MemoryHeld
 from worker.store.workers import MemoryWorkers
 
 
-class MemoryStore(MemoryEvents, MemoryDeadLetters, MemoryWorkers, TurnWrites):
+class MemoryStore(MemoryEvents, MemoryDeadLetters, MemoryHeld, MemoryWorkers, TurnWrites):
     """The results store in memory (thread-safe: one lock around every read and write)."""
 
     def __init__(self, ttl_seconds: int = 7 * 24 * 3600, clock: Callable[[], float] = time.time) -> None:

@@ -3,9 +3,9 @@
 Every write refreshes the TTL of the turn, of its conversation and of its event stream, so a conversation lives
 ``ttl_seconds`` after its last activity. Message ids are global: the same id submitted twice is one turn
 (idempotency), whichever process submits it. Each status change appends its event to the turn's stream in the same
-transaction. Event streams (reads, tokens), the worker side (heartbeats, locks, queue length) and dead letters are
-parts mixed in from ``worker.store.events``, ``worker.store.workers`` and ``worker.store.deadletters``; the Lua
-scripts live in ``worker.store.scripts``.
+transaction. Event streams (reads, tokens), the worker side (heartbeats, locks, queue length), the held task
+messages and dead letters are parts mixed in from ``worker.store.events``, ``worker.store.workers``,
+``worker.store.held`` and ``worker.store.deadletters``; the Lua scripts of turns live in ``worker.store.scripts``.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from worker.store.codec import turn_from_fields
 from worker.store.connection import answering, connect
 from worker.store.deadletters import RedisDeadLetters
 from worker.store.events import RedisEvents
+from worker.store.held import CLAIM_LUA, RedisHeld
 from worker.store.keys import Keys
 from worker.store.workers import RedisWorkers
 
 
-class RedisStore(RedisEvents, RedisDeadLetters, RedisWorkers, TurnWrites):
+class RedisStore(RedisEvents, RedisDeadLetters, RedisHeld, RedisWorkers, TurnWrites):
     """The results store in Redis."""
 
     def __init__(self, client: redis.Redis, prefix: str = "allinone", ttl_seconds: int = 7 * 24 * 3600) -> None:
@@ -37,6 +38,7 @@ class RedisStore(RedisEvents, RedisDeadLetters, RedisWorkers, TurnWrites):
         self._create_script = client.register_script(scripts.CREATE_LUA)
         self._enqueued_script = client.register_script(scripts.ENQUEUED_LUA)
         self._begin_reply_script = client.register_script(scripts.BEGIN_REPLY_LUA)
+        self._claim_script = client.register_script(CLAIM_LUA)
 
     @classmethod
     def from_url(

@@ -64,6 +64,10 @@ class MemoryWorkers(StoreBase):
             # Through JSON, as Redis keeps it: a reader sees what it would see from Redis.
             self._workers[worker] = (self._now() + ttl, json.loads(json.dumps(info)))
 
+    def _beating(self, worker: str) -> bool:
+        """Whether the worker's heartbeat is live (the caller holds the store's lock)."""
+        return worker in self._workers and self._workers[worker][0] > self._now()
+
     def workers(self) -> dict[str, dict[str, Any]]:
         now = self._now()
         with self._lock:

@@ -1,25 +1,26 @@
 """Train a sentiment head on labelled messages, from the engine's own forward pass (one model in memory).
 
-    python -m worker.calibrate --train sentiment-zh.train.jsonl --train sentiment-en.train.jsonl \
+    python -m worker.train_head --train sentiment-zh.train.jsonl --train sentiment-en.train.jsonl \
         --limit 2000 --out heads/qwen.safetensors
 
 Then ``ALLINONE_SENTIMENT_HEAD=heads/qwen.safetensors`` makes the worker classify with it ("prompt+head"). A head
-belongs to one model and one sentiment prompt: retrain it after changing either.
+belongs to one model and one sentiment prompt: its metadata records the model's identity and the prompt's
+fingerprint, and the engine refuses it for any other. The train splits come from
+``python -m worker.tools.datasets build``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
 import torch
 
 from worker.engine.head import SentimentHead, check_features, feature_layers, feature_matrix
-from worker.evaluate import POS, Example, balanced_subset, read_examples
 from worker.prompts import prompt_fingerprint
+from worker.tools.datasets import POS, Example, balanced_subset, read_examples
 
 
 def train_head(
@@ -29,12 +30,12 @@ def train_head(
     check_features(features)
     scores = engine.score([e.text for e in examples], layers=feature_layers(features))
     y = torch.tensor([1 if e.label == POS else 0 for e in examples])
-    meta = {"model": engine.settings.model, "prompt": prompt_fingerprint(engine.few_shot)}
+    meta = {"model": engine.identity.as_dict(), "prompt": prompt_fingerprint(engine.few_shot)}
     return SentimentHead.fit(feature_matrix(scores, features), y, engine.hidden_size, features, c=c, meta=meta)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m worker.calibrate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m worker.train_head", description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", action="append", required=True, help="labelled JSON Lines or CSV; repeatable")
     ap.add_argument("--out", required=True, help="the head file to write (.safetensors)")
     ap.add_argument("--model", help="overrides ALLINONE_MODEL")
@@ -63,7 +64,3 @@ def main(argv: list[str] | None = None) -> int:
     out = head.save(a.out)
     print(json.dumps({"out": str(out), "bytes": out.stat().st_size, "features": list(features), **head.meta}))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The timed paths the benchmark sets beside the product's: the reference recipe for sentiment (generate a few
+tokens, look for a label word) and a reply timed token by token, next to a bare forward loop.
+
+Both run on the engine's public surface only: ``engine.model``, ``engine.tokenizer``, ``engine.few_shot``,
+``engine.reply_prompt_ids``; the KV cache is passed as ``cache=`` (transformers 5).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from worker.tools.bench_probes import REPLY_PROMPT
+
+
+def naive_label(engine: Any, text: str, max_new_tokens: int = 10) -> str:
+    """The reference recipe: render the whole prompt, generate a few tokens greedily, look for a label word."""
+    import torch
+
+    from worker import prompts
+
+    tok = engine.tokenizer
+    enc = tok.apply_chat_template(
+        prompts.sentiment_messages(text, engine.few_shot),
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tok.pad_token_id,
+        )
+    answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).lower()
+    found = [(answer.find(w.lower()), label) for w, label in zip(prompts.LABEL_WORDS, prompts.LABELS, strict=True)]
+    found = [(pos, label) for pos, label in found if pos >= 0]
+    return min(found)[1] if found else "unknown"
+
+
+class _TokenClock:
+    """A generate() streamer that only notes when each token arrives (the first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class ReplyTiming:
+    prompt_tokens: int
+    new_tokens: int
+    first_token_seconds: float
+    decode_tokens_per_second: float
+    loop_tokens_per_second: float
+
+    def best(self, other: ReplyTiming) -> ReplyTiming:
+        """The better of two rounds, figure by figure: a neighbour's burst can only slow a round."""
+        return ReplyTiming(
+            self.prompt_tokens,
+            self.new_tokens,
+            min(self.first_token_seconds, other.first_token_seconds),
+            max(self.decode_tokens_per_second, other.decode_tokens_per_second),
+            max(self.loop_tokens_per_second, other.loop_tokens_per_second),
+        )
+
+
+def time_reply(engine: Any, new_tokens: int) -> ReplyTiming:
+    """Time to first token and decode rate of a greedy reply forced to ``new_tokens`` tokens.
+
+    Also decodes the same number of tokens with a bare forward loop (no logits processors, no stopping
+    criteria): the gap between the two is generate()'s own overhead."""
+    import torch
+
+    ids, _ = engine.reply_prompt_ids([], REPLY_PROMPT)
+    clock = _TokenClock()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=engine.tokenizer.pad_token_id,
+            streamer=clock,
+        )
+    n = int(out.shape[1] - ids.shape[1])
+    first = clock.times[1] - t0
+    rate = (n - 1) / (clock.times[-1] - clock.times[1]) if n > 1 else 0.0
+
+    # The floor: prefill, then one forward per token on the growing cache, argmax in between.
+    with torch.inference_mode():
+        res = engine.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        nxt = res.logits[:, -1:].argmax(-1)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            res = engine.model(input_ids=nxt, use_cache=True, logits_to_keep=1, cache=res.cache)
+            nxt = res.logits[:, -1:].argmax(-1)
+        loop_rate = (new_tokens - 1) / (time.perf_counter() - t1) if new_tokens > 1 else 0.0
+    return ReplyTiming(int(ids.shape[1]), n, first, rate, loop_rate)

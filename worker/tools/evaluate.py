@@ -1,0 +1,163 @@
+"""Measure sentiment against labelled messages: the worker's own code path, a trained baseline beside it.
+
+    python -m worker.evaluate [--data FILE ...] [--split test|dev] [--limit 400] [--json] [--plot out.png]
+
+Without ``--data`` it scores the sets shipped with the product (the zh and the en test set, or ``--split dev``), each
+reported on its own. The model is loaded once, as the worker loads it (``Settings`` from the environment, overridden
+by ``--model`` and ``--head``), and every message goes through ``Engine.score`` then ``Engine.sentiments``, which is
+exactly what ``Engine.classify`` runs. When a train split is found (``xx.test.jsonl`` -> ``xx.train.jsonl`` beside
+it or among the rebuilt sets, see ``worker.tools.datasets``) or given, the TF-IDF baseline is fitted on it and scored
+on the same messages in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from worker.schemas import Sentiment
+from worker.tools import datasets
+from worker.tools.baseline import baseline_predict
+from worker.tools.datasets import Example, balanced_subset, find_train_split, read_examples
+from worker.tools.metrics import NEG, POS, roc_auc, summarize
+
+
+def run(engine: Any, examples: Sequence[Example], train: Sequence[Example] | None = None) -> dict[str, Any]:
+    """Classify ``examples`` with the loaded engine (and the baseline when ``train`` is given); every metric."""
+    texts = [e.text for e in examples]
+    y_true = [e.label for e in examples]
+    t0 = time.perf_counter()
+    scores = engine.score(texts)
+    sentiments = engine.sentiments(scores)
+    seconds = time.perf_counter() - t0
+    y_pred = [s.label for s in sentiments]
+    report = summarize(y_true, y_pred, [s.confidence for s in sentiments])
+    report["auc"] = roc_auc([s.confidence if s.label == POS else 1 - s.confidence for s in sentiments], y_true)
+    report["method"] = sentiments[0].method if sentiments else "prompt"
+    report["messages_per_second"] = len(texts) / seconds if seconds > 0 else 0.0
+    report["seconds"] = seconds
+    if engine.head is not None:
+        # The same forward pass read without the head: what the prompt alone gives.
+        p = engine.prompt_p_positive(scores).tolist()
+        prompt = [Sentiment.from_p_positive(q) for q in p]
+        report["prompt"] = summarize(y_true, [x.label for x in prompt], [x.confidence for x in prompt])
+        report["prompt"]["auc"] = roc_auc(p, y_true)
+    if train is not None:
+        t1 = time.perf_counter()
+        base = baseline_predict(train, texts)
+        report["baseline"] = summarize(y_true, base)
+        report["baseline"]["seconds"] = time.perf_counter() - t1
+        report["baseline_accuracy"] = report["baseline"]["accuracy"]
+        report["baseline_train_n"] = len(train)
+    return report
+
+
+def text_report(r: dict[str, Any], title: str) -> str:
+    lines = [title]
+
+    def block(name: str, m: dict[str, Any]) -> None:
+        cm = m["confusion_matrix"]
+        ece = f"  ECE {m['ece']:.3f}" if "ece" in m else ""
+        ece += f"  AUC {m['auc']:.3f}" if "auc" in m else ""
+        lines.append(
+            f"  {name:<10} accuracy {m['accuracy']:.2%}  macro-F1 {m['macro_f1']:.4f}  "
+            f"recall pos {m['recall'][POS]:.2%} neg {m['recall'][NEG]:.2%}  "
+            f"predicted positive {m['positive_rate']:.1%}{ece}"
+        )
+        lines.append(f"  {'':<10} confusion (rows true pos/neg, cols predicted pos/neg): {cm[0]} {cm[1]}")
+
+    block(r["method"], r)
+    if "prompt" in r:
+        block("prompt", r["prompt"])
+    if "baseline" in r:
+        block("baseline", r["baseline"])
+    lines.append(f"  {r['n']} messages, {r['messages_per_second']:.2f} messages/s")
+    return "\n".join(lines)
+
+
+def plot_path(plot: str, data: Path, several: bool) -> Path:
+    """``--plot`` as given for one data set; with several, each set's name goes before the suffix."""
+    p = Path(plot)
+    return p.with_name(f"{p.stem}-{data.stem}{p.suffix}") if several else p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m worker.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", action="append", type=Path,
+                    help="labelled messages, JSON Lines or CSV; repeatable (default: the shipped zh and en sets)")
+    ap.add_argument("--split", choices=datasets.SHIPPED_SPLITS, default="test",
+                    help="which shipped sets, without --data (default: test)")
+    ap.add_argument("--model", help="overrides ALLINONE_MODEL (hub id, folder or .gguf)")
+    ap.add_argument("--head", help="a sentiment head (python -m worker.train_head); overrides ALLINONE_SENTIMENT_HEAD")
+    ap.add_argument("--no-head", action="store_true",
+                    help="prompt scoring alone even if ALLINONE_SENTIMENT_HEAD is set")
+    ap.add_argument("--limit", type=int, help="a balanced, deterministic subset of this many messages per set")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    ap.add_argument("--train", type=Path,
+                    help="train split for the baseline, with one --data (default: the .train. file beside --data, "
+                    "else in the rebuilt sets' folder)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the TF-IDF baseline")
+    ap.add_argument("--json", action="store_true", help="one JSON object per data set on stdout")
+    ap.add_argument("--plot", help="write a PNG per data set: confusion matrix and reliability diagram")
+    ap.add_argument("--format", choices=["jsonl", "csv"], help="input format (default: from the suffix)")
+    ap.add_argument("--text-field", default="text")
+    ap.add_argument("--label-field", default="label")
+    a = ap.parse_args(argv)
+    if a.train and a.data and len(a.data) > 1:
+        ap.error("--train goes with one --data")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    from worker.engine import Engine
+    from worker.settings import Settings
+
+    paths = a.data or [datasets.shipped(lang, a.split) for lang in datasets.LANGS]
+    overrides: dict[str, Any] = {}
+    if a.model:
+        overrides["model"] = a.model
+    if a.head:
+        overrides["sentiment_head"] = Path(a.head)
+    if a.no_head:
+        overrides["sentiment_head"] = None
+    settings = Settings(**overrides)
+    rebuilt = datasets.rebuilt_dir(settings.cache_dir)
+
+    # Every file is read (and every train split found) before the model loads: a wrong path fails at once.
+    sets = []
+    for path in paths:
+        examples = read_examples(path, a.format, a.text_field, a.label_field)
+        if a.limit:
+            examples = balanced_subset(examples, a.limit, seed=a.seed)
+        train = None
+        if not a.no_baseline:
+            train_path = a.train or find_train_split(path, also_in=[rebuilt])
+            if train_path is None:
+                print(f"{path.name}: baseline skipped, no train split beside it or in {rebuilt} "
+                      "(python -m worker.tools.datasets build writes it there; or --train FILE)", file=sys.stderr)
+            else:
+                train = read_examples(train_path, a.format if a.train else None, a.text_field, a.label_field)
+        sets.append((path, examples, train))
+
+    engine = Engine(settings)
+    load = engine.load()
+    for path, examples, train in sets:
+        report = run(engine, examples, train)
+        report.update(data=str(path), model=settings.model, model_identity=engine.identity.as_dict(),
+                      dtype=load.dtype, head=str(settings.sentiment_head) if settings.sentiment_head else None)
+        if a.plot:
+            from worker.tools.plots import plot
+
+            title = f"{path.name}: {report['method']} on {engine.identity.name}"
+            plot(report, plot_path(a.plot, path, len(sets) > 1), title=title)
+        if a.json:
+            print(json.dumps(report), flush=True)
+        else:
+            print(text_report(report, f"{path} ({engine.identity}, {load.dtype})"), flush=True)
+    return 0
