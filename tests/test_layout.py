@@ -12,7 +12,8 @@ import pytest
 from worker.testing import PROJECT_ROOT
 
 # What a producer (a web backend, the bulk command) may import of the worker package: records, settings, errors, the
-# task contract, the results store and the turn events. Never the engine, the tasks or the runtime (they bring torch and the model).
+# task contract, the results store and the turn events. Never the engine, the tasks or the runtime (they bring torch
+# and the model).
 SHARED = {"worker.settings", "worker.schemas", "worker.errors", "worker.events", "worker.contract", "worker.store"}
 MAX_LINES = 400  # a module over this is several modules
 
