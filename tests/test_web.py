@@ -189,3 +189,20 @@ def test_a_client_that_hangs_up_and_reconnects_with_last_event_id_gets_exactly_w
         assert first + rest == everything
         # ?after= does the same for clients that cannot set the header
         assert sse(client, f"/messages/{mid}/events?after={everything[1][0]}") == everything[2:]
+
+
+def test_a_client_that_hangs_up_while_its_stream_waits_leaves_nothing_running(web, tiny_worker):
+    # Given a turn nothing will ever answer (stored, never enqueued), followed by a client
+    RedisStore.from_url(tiny_worker.env["ALLINONE_REDIS_URL"]).create_turn("c-wait", "never-sent", "anyone there?")
+    with httpx.Client(base_url=web, timeout=30) as client:
+        with client.stream("GET", "/messages/never-sent/events") as response:
+            lines = response.iter_lines()  # kept: a dropped iterator closes the response
+            assert next(lines).startswith("id: ")
+            assert "allinone_web_sse_clients 1.0" in client.get("/metrics").text  # the server is following it
+        # When the client hangs up while the server blocks on the stream for the next event (above, and here)
+        assert [kind for _, kind, _ in sse(client, "/messages/never-sent/events", stop_after=1)] == ["queued"]
+        # Then the server ends that stream at once, instead of reading on for nobody
+        t0 = time.monotonic()
+        while "allinone_web_sse_clients 0.0" not in client.get("/metrics").text:
+            assert time.monotonic() - t0 < 3, "an event stream outlived its client"
+            time.sleep(0.05)

@@ -16,6 +16,7 @@ outside the event loop: the store is ``redis.asyncio``, the Celery publish runs 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -39,6 +40,8 @@ from worker.errors import (
 )
 from worker.events import Event, check_event_id
 from worker.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -160,8 +163,9 @@ async def _sse(prod: AsyncProducer, metrics: WebMetrics, message_id: str, after:
             yield _message(event, retry=RETRY_MS if first else None)
             metrics.sse_events.labels(event.type).inc()
             first = False
-    except StoreUnavailable:
+    except StoreUnavailable as e:
         # Redis went away mid-stream: end it; the browser reconnects with Last-Event-ID and resumes.
+        log.warning("events of %s: stream ended, Redis away: %s", message_id, e)
         return
     finally:
         metrics.sse_clients.dec()
