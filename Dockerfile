@@ -33,7 +33,8 @@ RUN pip install --find-links /wheelhouse --index-url https://download.pytorch.or
 COPY pyproject.toml README.m[d] celeryconfig.py /src/
 COPY worker /src/worker
 COPY producer /src/producer
-RUN pip install --find-links /wheelhouse "/src[worker]" \
+# The worker and the web app (python -m producer.web) run this image, each with its Prometheus metrics.
+RUN pip install --find-links /wheelhouse "/src[worker,web,metrics]" \
     && python -c "import torch; assert torch.__version__ == '2.13.0+cpu' and torch.version.cuda is None, torch.__version__"
 
 # ------------------------------------------------------------------------------------------------ the image

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The compose stack, run for real: builds the worker image, starts Redis and a worker on the offline demo model
 # (SmolLM2-135M-Instruct), waits for both healthchecks, sends Chinese and English messages with
-# `docker compose run --rm producer send`, waits for their results, scales to two workers, kills one with
+# `docker compose run --rm producer send`, waits for their results, sends one through the web app and reads its
+# events as Server-Sent Events, scales to two workers, kills one with
 # `docker kill` in the middle of a reply and checks that every message still ends done exactly once, then
 # `docker compose down -v`. Prints each step's time and the figures at the end.
 #
@@ -131,7 +132,7 @@ figure "image $image: $size (base $BASE_IMAGE), torch $torch, build $(secs "$ste
 step_done
 
 # ------------------------------------------------------------------------------------------------ up
-step "docker compose up -d (Redis + one worker)"
+step "docker compose up -d (Redis, one worker, the web app)"
 t_up=$(now)
 compose up -d
 wait_healthy redis 1 60
@@ -153,6 +154,32 @@ for m in "$m1" "$m2"; do
   say "  $(json '"%s %s: %s | %s" % (d["conversation_id"], d["status"], d["sentiment"]["label"], d["reply"][:70].replace("\n", " "))' <<< "$turn")"
 done
 figure "2 messages (zh, en) done $(secs "$t_msg") s after the first send"
+step_done
+
+# ------------------------------------------------------------------------------------------------ web
+step "the web app: a message over HTTP, its events as Server-Sent Events"
+wait_healthy web 1 60
+t_web=$(now)
+events=$(compose exec -T web python - <<'PY'
+import json
+import urllib.request
+
+base = "http://127.0.0.1:8000"
+body = json.dumps({"text": "The room was lovely and the staff were friendly!"}).encode()
+request = urllib.request.Request(f"{base}/conversations/web-1/messages", data=body,
+                                 headers={"Content-Type": "application/json"})
+accepted = json.load(urllib.request.urlopen(request, timeout=10))
+kinds = []
+with urllib.request.urlopen(base + accepted["events"], timeout=120) as stream:  # ends after the last event
+    for raw in stream:
+        line = raw.decode().rstrip("\r\n")  # SSE lines may end in CRLF
+        if line.startswith("event: "):
+            kinds.append(line[len("event: "):])
+assert kinds[:2] == ["queued", "classified"] and kinds[-1] == "done" and kinds.count("done") == 1, kinds
+print(f"{accepted['message_id']}: {len(kinds)} events ({kinds.count('token')} token)")
+PY
+) || fail "the web app did not stream a message's events: $events"
+figure "web app: $events, $(secs "$t_web") s"
 step_done
 
 # ------------------------------------------------------------------------------------------------ scale, kill

@@ -39,8 +39,8 @@ constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==2.13.0+cpu" > "$constraints"
 
-# The project's dependencies and its worker extra, read from pyproject.toml, plus what pip needs to build the
-# project itself inside the image (setuptools, wheel).
+# The project's dependencies and its worker, web and metrics extras (what the Dockerfile installs), read from
+# pyproject.toml, plus what pip needs to build the project itself inside the image (setuptools, wheel).
 requirements=$("$python" - <<'PY'
 try:
     import tomllib
@@ -49,7 +49,8 @@ except ImportError:  # Python 3.10: pip carries a copy
 with open("pyproject.toml", "rb") as f:
     doc = tomllib.load(f)
 project = doc["project"]
-print("\n".join(["torch==2.13.0"] + project["dependencies"] + project["optional-dependencies"]["worker"]
+extras = project["optional-dependencies"]
+print("\n".join(["torch==2.13.0"] + project["dependencies"] + extras["worker"] + extras["web"] + extras["metrics"]
                 + doc["build-system"]["requires"] + ["wheel"]))
 PY
 )

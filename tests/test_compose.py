@@ -262,7 +262,7 @@ def torch_problems(docker: list[tuple[str, str]]) -> list[str]:
                 if f"--index-url {CPU_INDEX}" not in " ".join(words):
                     problems.append(f"torch installed without --index-url {CPU_INDEX}")
                 torch_at = i if torch_at is None else torch_at
-            if any(p.startswith(".[worker]") or p.endswith("[worker]") for p in packages):
+            if any("worker" in re.findall(r"\[([\w,]+)\]$", p)[0].split(",") for p in packages if p.endswith("]")):
                 project_at = i if project_at is None else project_at
     if torch_at is None:
         problems.append(f"torch=={TORCH_VERSION} is never installed from the CPU index")
@@ -370,6 +370,30 @@ def test_flower_and_the_producer_start_only_in_a_profile(services):
     assert services["producer"]["profiles"] == ["tools"]
     for name in ("redis", "worker"):
         assert "profiles" not in services[name], f"{name} must start with a plain `docker compose up`"
+
+
+def test_the_web_app_is_the_front_door_on_loopback_after_redis(services):
+    web = services["web"]
+    assert "profiles" not in web, "the web app starts with a plain `docker compose up`"
+    assert web["image"] == services["worker"]["image"] and web["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert web["command"][:3] == ["python", "-m", "producer.web"] and "0.0.0.0" in web["command"]
+    port = web["command"][web["command"].index("--port") + 1]
+    assert [resolve(p) for p in web["ports"]] == [f"127.0.0.1:8000:{port}"]
+    assert "/healthz" in " ".join(web["healthcheck"]["test"]) and f":{port}/" in " ".join(web["healthcheck"]["test"])
+    assert urlparse(resolve(environment(web)["ALLINONE_REDIS_URL"]) or "").hostname == "redis"
+
+
+def test_prometheus_scrapes_the_workers_and_the_web_app_where_they_serve_metrics(services):
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    config_mount = next(v for v in prometheus["volumes"] if v.endswith("/etc/prometheus/prometheus.yml:ro"))
+    config = yaml.safe_load((PROJECT_ROOT / config_mount.split(":")[0]).read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    worker_port = int(resolve(environment(services["worker"])["ALLINONE_METRICS_PORT"]) or 0)
+    (workers,) = jobs["allinone-worker"]["dns_sd_configs"]
+    assert workers["names"] == ["worker"] and workers["port"] == worker_port > 0  # every replica of the service
+    web_port = services["web"]["command"][services["web"]["command"].index("--port") + 1]
+    assert jobs["allinone-web"]["static_configs"][0]["targets"] == [f"web:{web_port}"]
 
 
 def test_every_allinone_variable_is_a_setting(compose, dockerfile):
