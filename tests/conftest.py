@@ -90,3 +90,28 @@ def tiny_worker(redis_base_url, tiny_model_dir, tmp_path_factory) -> Iterator[Wo
     yield worker
     worker.stop()
     client.flushdb()
+
+
+@pytest.fixture()
+def server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, on its own port: a test may stop, restart or fill it as it likes."""
+    srv = RedisServer().start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def make_worker(server, tiny_model_dir, tmp_path):
+    """``make(name="w", **env)``: a real worker on the tiny model against ``server`` (not started: ``.start()``);
+    every worker made is killed at the end of the test."""
+    workers: list[WorkerProcess] = []
+
+    def make(name: str = "w", **env: str) -> WorkerProcess:
+        e = worker_env(server.url, str(tiny_model_dir), tmp_path / "cache", **env)
+        w = WorkerProcess(env=e, log_path=tmp_path / f"{name}-{len(workers)}.log")
+        workers.append(w)
+        return w
+
+    yield make
+    for w in workers:
+        w.kill()

@@ -19,7 +19,7 @@ from worker import contract
 from worker.schemas import Status
 from worker.settings import Settings
 from worker.store import RedisStore
-from worker.testing import PROJECT_ROOT, RedisServer, WorkerProcess, worker_env
+from worker.testing import PROJECT_ROOT, RedisServer, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -32,28 +32,16 @@ HOOKS = PROJECT_ROOT / "tests" / "hooks"
 
 
 @pytest.fixture()
-def server():
-    srv = RedisServer().start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture()
-def make_worker(server, tiny_model_dir, tmp_path):
-    workers: list[WorkerProcess] = []
+def make_slow_worker(make_worker):
+    """A worker on the tiny model whose replies of ``slow-*`` messages pause ``pause`` seconds (tests/hooks)."""
 
     def make(pause: float = 0.0) -> WorkerProcess:
-        e = worker_env(server.url, str(tiny_model_dir), tmp_path / "cache",
-                       ALLINONE_HEARTBEAT_TTL_SECONDS=str(TTL), ALLINONE_VISIBILITY_TIMEOUT_SECONDS="600")
-        e["PYTHONPATH"] = os.pathsep.join([str(HOOKS), str(PROJECT_ROOT)])
-        e["SLOW_TASK_SECONDS"] = str(pause)
-        w = WorkerProcess(env=e, log_path=tmp_path / f"worker-{len(workers)}.log")
-        workers.append(w)
-        return w
+        return make_worker(
+            "worker", ALLINONE_HEARTBEAT_TTL_SECONDS=str(TTL), ALLINONE_VISIBILITY_TIMEOUT_SECONDS="600",
+            PYTHONPATH=os.pathsep.join([str(HOOKS), str(PROJECT_ROOT)]), SLOW_TASK_SECONDS=str(pause),
+        )
 
-    yield make
-    for w in workers:
-        w.kill()
+    return make
 
 
 def wait_log(worker: WorkerProcess, text: str, timeout: float = 60) -> None:
@@ -83,16 +71,16 @@ def kill(worker: WorkerProcess) -> float:
     return time.time()
 
 
-def test_kill_9_mid_reply_with_a_replacement_finishes_within_the_bound(server, make_worker):
+def test_kill_9_mid_reply_with_a_replacement_finishes_within_the_bound(server, make_slow_worker):
     # Given a worker in the middle of a reply
-    first = make_worker(pause=PAUSE).start()
+    first = make_slow_worker(pause=PAUSE).start()
     producer = Producer(settings=Settings(redis_url=server.url))
     mid = producer.submit("c-replaced", "a message whose worker is killed", message_id="slow-1")
     wait_log(first, "allinone.reply[")
     # When it is killed with SIGKILL and a supervisor starts a replacement a few seconds later
     killed_at = kill(first)
     time.sleep(3)
-    replacement = make_worker().start()
+    replacement = make_slow_worker().start()
     # Then the replacement finishes it within the bound, once, and nothing is left for a later redelivery
     done = producer.wait(mid, timeout=120)
     waited = done.done_at - killed_at
@@ -120,15 +108,15 @@ def test_kill_9_mid_reply_with_a_replacement_finishes_within_the_bound(server, m
 
 
 def test_kill_9_with_a_second_worker_running_the_second_finishes_it_and_the_conversation_goes_on(
-    server, make_worker
+    server, make_slow_worker
 ):
     # Given a conversation whose first turn's reply is held by a worker, its later turns queued behind it
-    first = make_worker(pause=PAUSE).start()
+    first = make_slow_worker(pause=PAUSE).start()
     producer = Producer(settings=Settings(redis_url=server.url))
     ids = [producer.submit("c-second", "the first turn", message_id="slow-0")]
     ids += [producer.submit("c-second", f"turn {i}") for i in (1, 2)]
     wait_log(first, "allinone.reply[")
-    second = make_worker().start()  # already running when the first dies (it takes the later turns' replies,
+    second = make_slow_worker().start()  # already running when the first dies (it takes the later turns' replies,
     # which wait for the first); no replacement comes
     # When the first is killed
     killed_at = kill(first)
@@ -141,13 +129,13 @@ def test_kill_9_with_a_second_worker_running_the_second_finishes_it_and_the_conv
     assert [t.context for t in producer.conversation("c-second").turns] == [ids[:i] for i in range(3)]
 
 
-def test_a_busy_worker_is_never_robbed(server, make_worker):
+def test_a_busy_worker_is_never_robbed(server, make_slow_worker):
     # Given a reply held by a live worker for several heartbeat TTLs, and an idle second worker looking for the dead
-    busy = make_worker(pause=4 * TTL).start()
+    busy = make_slow_worker(pause=4 * TTL).start()
     producer = Producer(settings=Settings(redis_url=server.url))
     mid = producer.submit("c-busy", "a long reply", message_id="slow-busy")
     wait_log(busy, "allinone.reply[")
-    idle = make_worker().start()
+    idle = make_slow_worker().start()
     # When it finishes
     turn = producer.wait(mid, timeout=120)
     # Then it finished it once, by itself: the other worker never took it, nothing was put back
@@ -156,16 +144,16 @@ def test_a_busy_worker_is_never_robbed(server, make_worker):
     assert busy.log().count("allinone.reply[") >= 1 and "succeeded" in busy.log()
 
 
-def test_a_bulk_batch_held_by_a_killed_worker_comes_back(server, make_worker):
+def test_a_bulk_batch_held_by_a_killed_worker_comes_back(server, make_slow_worker):
     # Given a bulk batch (sentiment and replies) taken by a worker that is then killed mid-batch
-    first = make_worker(pause=PAUSE).start()
+    first = make_slow_worker(pause=PAUSE).start()
     producer = Producer(settings=Settings(redis_url=server.url))
     rows = [("c-bulk", f"slow-b{i}", f"bulk row {i}") for i in range(4)]
     producer.store.create_turns(rows, queue="bulk")
     contract.send_batches(make_celery(Settings(redis_url=server.url)),
                           [[{"message_id": m, "conversation_id": c} for c, m, _ in rows]], "bulk", reply=True)
     wait_log(first, "allinone.classify_batch[")
-    second = make_worker().start()
+    second = make_slow_worker().start()
     killed_at = kill(first)
     # Then every row is finished once, labelled and answered, within the bound
     turns = [producer.wait(m, timeout=120) for _, m, _ in rows]

@@ -23,28 +23,6 @@ pytestmark = pytest.mark.integration
 SLOW_REPLY = {"ALLINONE_MAX_NEW_TOKENS": "1500", "ALLINONE_REPLY_TIMEOUT_SECONDS": "60"}
 
 
-@pytest.fixture()
-def server():
-    srv = RedisServer().start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture()
-def make_worker(server, tiny_model_dir, tmp_path):
-    workers: list[WorkerProcess] = []
-
-    def make(name: str = "w", **env: str) -> WorkerProcess:
-        e = worker_env(server.url, str(tiny_model_dir), tmp_path / "cache", **env)
-        w = WorkerProcess(env=e, log_path=tmp_path / f"{name}-{len(workers)}.log")
-        workers.append(w)
-        return w
-
-    yield make
-    for w in workers:
-        w.kill()
-
-
 def producer_for(server: RedisServer, **kw) -> Producer:
     return Producer(settings=Settings(redis_url=server.url, **kw))
 
