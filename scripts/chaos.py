@@ -8,7 +8,8 @@ submission order, each reply's context exactly the turns before it.
 Redis runs here on its own port with an append-only file synced on every write (as a production broker should),
 so a restart keeps queued and unacknowledged messages. A killed worker is replaced at once (as a supervisor does).
 The visibility timeout is the product's (ten minutes): what comes back sooner was put back by a live worker.
-Faults come at random moments, at least ``--fault-gap`` seconds apart.
+Faults come at random moments, at least ``--fault-gap`` seconds apart, all while messages are still being sent
+(closer if the run is too short to space them so: a kill of an idle worker measures nothing).
 
 Prints one JSON object with the counts and, for the messages the kills touched (those the killed worker held),
 how long the held step waited after the kill and beyond its usual time, and the worst stall of a touched
@@ -175,8 +176,12 @@ def main() -> int:
     kills = restarts = 0
     touched: dict[str, tuple[float, HeldTask]] = {}  # message id: (when its worker was killed, the task it held)
     last_fault = time.monotonic()
-    for event in events:
+    production_ends = t0 + a.messages / a.rate
+    for i, event in enumerate(events):
         gap = max(a.fault_gap, rnd.uniform(0.2, 2.0) * expected / max(1, len(events)))
+        # A kill after the last message is sent finds an idle worker and measures no recovery: the faults all land
+        # while messages still flow (closer than --fault-gap if the run is too short to space them so).
+        gap = min(gap, max(1.0, (production_ends - time.monotonic()) / (len(events) - i + 1)))
         time.sleep(max(0.0, last_fault + gap - time.monotonic()))
         last_fault = time.monotonic()
         if event == "kill":
