@@ -114,14 +114,27 @@ class Engine:
                  adapter.nbytes / 2**20)
         return adapter
 
-    def use_adapter(self, adapter: SentimentAdapter | None) -> None:
-        """Score sentiment with ``adapter`` from now on (attached here to this model), or without one (None);
-        the cached prefix is recomputed. What training an adapter and comparing with and without one use."""
+    def use_adapter(self, adapter: SentimentAdapter | str | Path | None) -> None:
+        """Score sentiment with ``adapter`` (an adapter, or its file, checked like the setting's) from now on, or
+        without one (None); the cached prefix is recomputed, and a loaded head trained on other states is dropped.
+        What training an adapter and comparing with and without one use."""
         self._require_loaded()
-        if adapter is not None:
+        if isinstance(adapter, (str, Path)):
+            adapter = self._load_adapter(adapter)
+        elif adapter is not None:
             adapter.attach(self.model)
         self.adapter = adapter
         self.sentiment.use_adapter(adapter)
+        fp = adapter.fingerprint if adapter is not None else None
+        if self.head is not None and self.head.meta.get("adapter") != fp:
+            log.info("sentiment head dropped: it was trained on the states of another adapter (or none)")
+            self.head = None
+
+    def use_head(self, path: str | Path | None) -> None:
+        """Read sentiment through the head in ``path`` (checked against the model, prompt and adapter in use), or
+        through none."""
+        self._require_loaded()
+        self.head = self._load_head(path) if path is not None else None
 
     def _load_head(self, path: str | Path) -> SentimentHead:
         head = SentimentHead.load(path)
