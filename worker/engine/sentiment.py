@@ -1,7 +1,9 @@
 """Sentiment in one forward pass, as three stages: preprocess -> forward -> postprocess.
 
 At load, the sentiment prompt's fixed part (instruction and few-shot turns, :mod:`worker.prompts`) runs once and its
-key/value cache is kept (:class:`SentimentPipeline` construction). Then, for a list of messages:
+key/value cache is kept (:class:`SentimentPipeline` construction). With a sentiment adapter
+(:mod:`worker.engine.adapter`) every forward pass here runs with it on, the prefix's too; nothing else does.
+Then, for a list of messages:
 
 - **preprocess**: each message becomes its own tokens (cut to the token budget) followed by the prompt's suffix;
   messages are grouped by length and right-padded into batches (:mod:`worker.engine.batching`).
