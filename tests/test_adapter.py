@@ -226,6 +226,7 @@ def test_the_harness_scores_prompt_head_adapter_and_adapter_head_in_one_run(trai
     assert all(m["n"] == len(TOY) and m["messages_per_second"] > 0 for m in v.values())
     assert v["prompt+adapter"]["accuracy"] > v["prompt"]["accuracy"]
     # and the text report shows them all
-    assert evaluate.main(["--data", str(data), "--no-baseline", "--adapter", str(path)]) == 0
+    png = tmp_path / "p.png"
+    assert evaluate.main(["--data", str(data), "--no-baseline", "--adapter", str(path), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
-    assert "prompt+adapter" in text and "  prompt " in text
+    assert "prompt+adapter" in text and "  prompt " in text and png.stat().st_size > 0

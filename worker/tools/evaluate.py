@@ -57,8 +57,9 @@ def variants(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The methods one scoring pass measured, by name: its own, and the prompt alone under a head."""
     out = {report["method"]: {k: v for k, v in report.items() if k != "prompt"}}
     if "prompt" in report:
-        out[report["method"].removesuffix("+head")] = report["prompt"] | {
-            "messages_per_second": report["messages_per_second"]}  # the same forward pass
+        name = report["method"].removesuffix("+head")
+        out[name] = report["prompt"] | {"method": name,
+                                        "messages_per_second": report["messages_per_second"]}  # the same pass
     return out
 
 
@@ -201,8 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         if a.plot:
             from worker.tools.plots import plot
 
-            title = f"{path.name}: {report['method']} on {engine.identity.name}"
-            plot(report, plot_path(a.plot, path, len(sets) > 1), title=title)
+            shown = report
+            if "variants" in report:  # the adapter's figure: with its head when there is one
+                v = report["variants"]
+                shown = v.get("prompt+adapter+head") or v["prompt+adapter"]
+            title = f"{path.name}: {shown['method']} on {engine.identity.name}"
+            plot(shown, plot_path(a.plot, path, len(sets) > 1), title=title)
         if a.json:
             print(json.dumps(report), flush=True)
         else:
