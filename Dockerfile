@@ -49,8 +49,10 @@ COPY --from=build /opt/venv /opt/venv
 RUN useradd --system --uid 10001 --create-home --home-dir /home/allinone allinone \
     && mkdir -p /models/hf /models/allinone /app \
     && chown -R allinone:allinone /models /app
-# Trained sentiment heads (small): ALLINONE_SENTIMENT_HEAD=heads/NAME.safetensors from the working directory.
+# Trained sentiment heads (small): ALLINONE_SENTIMENT_HEAD=heads/NAME.safetensors from the working directory;
+# trained sentiment adapters (a few MB): ALLINONE_SENTIMENT_ADAPTER=adapters/NAME.safetensors.
 COPY heads /app/heads
+COPY adapters /app/adapters
 ENV HF_HOME=/models/hf \
     ALLINONE_CACHE_DIR=/models/allinone \
     HF_HUB_DISABLE_TELEMETRY=1

@@ -57,6 +57,10 @@ class HeadError(ModelLoadError):
     """A sentiment head file is missing, malformed, or does not fit the loaded model."""
 
 
+class AdapterError(ModelLoadError):
+    """A sentiment adapter file is missing, malformed, or does not fit the loaded model."""
+
+
 class WaitTimeout(AllInOneError, TimeoutError):
     """``Producer.wait`` gave up before the turn finished."""
 

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     sentiment_head: Path | None = Field(
         None, description="A trained sentiment head (python -m worker.train_head); absent: prompt scoring alone."
     )
+    sentiment_adapter: Path | None = Field(
+        None,
+        description="A trained sentiment adapter (python -m worker.train_adapter): low-rank weights on for the "
+        "sentiment forward pass only, off for replies; absent: the model as it is.",
+    )
 
     # --- Replies -------------------------------------------------------------------------------------------
     system_prompt: str = Field(

@@ -3,8 +3,8 @@
 What lives where:
 
 - ``engine.py``: :class:`Engine`, the facade: ``Engine(settings)`` is cheap; ``load()`` runs once (threads ->
-  weights -> CPU tuning -> sentiment prefix -> head, logged before and after); then ``classify``/``score`` and
-  ``reply``.
+  weights -> CPU tuning -> sentiment adapter -> sentiment prefix -> head, logged before and after); then
+  ``classify``/``score`` and ``reply``.
 - ``loading.py``: weights and tokenizer from a hub id, a folder or a GGUF (converted once into
   ``ALLINONE_CACHE_DIR``); the load dtype rule; :class:`LoadReport`.
 - ``identity.py``: :class:`ModelIdentity`, the loaded model's name and a fingerprint of its weights that is the
@@ -14,6 +14,8 @@ What lives where:
 - ``sentiment.py``: the sentiment pipeline (preprocess -> forward -> postprocess) on a cached prompt prefix;
   :class:`Scores`.
 - ``head.py``: the optional trained sentiment head, and the checks that it belongs to the loaded model and prompt.
+- ``adapter.py``: the optional sentiment adapter (LoRA on the upper layers' projections), put into the model only for
+  sentiment forward passes, and the checks that it fits the loaded model.
 - ``reply.py``: chat replies: history that fits, the prompt, the decode (``Replier.generate``), :class:`Reply`.
 
 A sentiment call, ``engine.classify(texts)``: each text becomes its own tokens plus the prompt's suffix (the
@@ -32,6 +34,7 @@ result is a :class:`Reply`.
 
 from __future__ import annotations
 
+from worker.engine.adapter import SentimentAdapter
 from worker.engine.batching import BATCH_OVERHEAD_TOKENS, plan_batches
 from worker.engine.cpu import PackedLinear, pack_bf16_linears
 from worker.engine.engine import Engine
@@ -48,6 +51,7 @@ __all__ = [
     "PackedLinear",
     "Reply",
     "Scores",
+    "SentimentAdapter",
     "converted_cache_path",
     "gguf_cache_dir",
     "load_dtype",

@@ -1,9 +1,9 @@
 """The engine: the one model of a worker process, its lifecycle, and the two jobs it does.
 
 ``Engine(settings)`` is cheap. ``load()`` runs once: threads -> weights (and their identity) -> CPU tuning ->
-sentiment prefix -> head, logged before and after. Then ``classify``/``score`` (:mod:`worker.engine.sentiment`) and
-``reply`` (:mod:`worker.engine.reply`) as often as needed; this class only holds the pieces and hands each call
-the settings it runs under.
+sentiment adapter -> sentiment prefix (computed with the adapter on) -> head, logged before and after. Then
+``classify``/``score`` (:mod:`worker.engine.sentiment`) and ``reply`` (:mod:`worker.engine.reply`) as often as
+needed; this class only holds the pieces and hands each call the settings it runs under.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import torch
 
 from worker import prompts
 from worker.engine import cpu, loading
+from worker.engine.adapter import SentimentAdapter
 from worker.engine.head import SentimentHead
 from worker.engine.identity import ModelIdentity, identify
 from worker.engine.loading import LoadReport
 from worker.engine.reply import Replier, Reply
 from worker.engine.sentiment import Scores, SentimentPipeline
-from worker.errors import HeadError
+from worker.errors import AdapterError, HeadError
 from worker.schemas import Sentiment
 from worker.settings import Settings
 
@@ -40,6 +41,7 @@ class Engine:
         self.model: Any = None
         self.report: LoadReport | None = None
         self.head: SentimentHead | None = None
+        self.adapter: SentimentAdapter | None = None
         self._sentiment: SentimentPipeline | None = None
         self._replier: Replier | None = None
         self._identity: ModelIdentity | None = None
@@ -67,7 +69,9 @@ class Engine:
         self._identity = identify(s.model, loaded.model)
         self.model = cpu.tune(loaded.model, s, dtype)
         loaded.model = None  # int8 quantisation made a new model: let the float one go
-        self._sentiment = SentimentPipeline(self.tokenizer, self.model, self.few_shot)
+        if s.sentiment_adapter is not None:
+            self.adapter = self._load_adapter(s.sentiment_adapter)
+        self._sentiment = SentimentPipeline(self.tokenizer, self.model, self.few_shot, self.adapter)
         self._replier = Replier(self.tokenizer, self.model)
         if s.sentiment_head is not None:
             self.head = self._load_head(s.sentiment_head)
@@ -99,6 +103,39 @@ class Engine:
         )
         return r
 
+    def _load_adapter(self, path: str | Path) -> SentimentAdapter:
+        adapter = SentimentAdapter.load(path)
+        try:
+            adapter.check_model(identity=self.identity, prompt=prompts.prompt_fingerprint(self.few_shot))
+            adapter.attach(self.model)
+        except AdapterError as e:
+            raise AdapterError(f"{path}: {e}") from e
+        log.info("sentiment adapter %s: rank %d, %d projections, %.1f MiB", path, adapter.rank, len(adapter.names),
+                 adapter.nbytes / 2**20)
+        return adapter
+
+    def use_adapter(self, adapter: SentimentAdapter | str | Path | None) -> None:
+        """Score sentiment with ``adapter`` (an adapter, or its file, checked like the setting's) from now on, or
+        without one (None); the cached prefix is recomputed, and a loaded head trained on other states is dropped.
+        What training an adapter and comparing with and without one use."""
+        self._require_loaded()
+        if isinstance(adapter, (str, Path)):
+            adapter = self._load_adapter(adapter)
+        elif adapter is not None:
+            adapter.attach(self.model)
+        self.adapter = adapter
+        self.sentiment.use_adapter(adapter)
+        fp = adapter.fingerprint if adapter is not None else None
+        if self.head is not None and self.head.meta.get("adapter") != fp:
+            log.info("sentiment head dropped: it was trained on the states of another adapter (or none)")
+            self.head = None
+
+    def use_head(self, path: str | Path | None) -> None:
+        """Read sentiment through the head in ``path`` (checked against the model, prompt and adapter in use), or
+        through none."""
+        self._require_loaded()
+        self.head = self._load_head(path) if path is not None else None
+
     def _load_head(self, path: str | Path) -> SentimentHead:
         head = SentimentHead.load(path)
         try:
@@ -107,6 +144,7 @@ class Engine:
                 prompt=prompts.prompt_fingerprint(self.few_shot),
                 hidden_size=self.hidden_size,
                 num_layers=self.num_layers,
+                adapter=self.adapter.fingerprint if self.adapter is not None else None,
             )
         except HeadError as e:
             raise HeadError(f"{path}: {e}") from e

@@ -98,9 +98,11 @@ class SentimentHead:
         return feature_layers(self.features)
 
     # ---------------------------------------------------------------------------------------- inference
-    def check_model(self, *, identity: ModelIdentity, prompt: str, hidden_size: int, num_layers: int) -> None:
+    def check_model(self, *, identity: ModelIdentity, prompt: str, hidden_size: int, num_layers: int,
+                    adapter: str | None = None) -> None:
         """Refuse a head trained on another model (``identity``: the loaded model's ``ModelIdentity``), under
-        another sentiment prompt (``prompt``: its fingerprint), or for another shape, saying what to do."""
+        another sentiment prompt (``prompt``: its fingerprint), on the states of another sentiment adapter or
+        none (``adapter``: the loaded one's fingerprint), or for another shape, saying what to do."""
         trained_on = self.meta.get("model")
         if not (isinstance(trained_on, dict) and trained_on.get("fingerprint")):
             was = f", naming {trained_on!r}" if trained_on else ""
@@ -119,6 +121,13 @@ class SentimentHead:
                 f"the sentiment head was trained under the sentiment prompt {self.meta.get('prompt')!r} but this "
                 f"engine's prompt is {prompt!r} (its instruction, label words or few-shot turns changed): {FIX}"
             )
+        if self.meta.get("adapter") != adapter:
+            def said(fp: Any) -> str:
+                return f"the sentiment adapter [{fp}]" if fp else "no sentiment adapter"
+            raise HeadError(
+                f"the sentiment head was trained on the states of {said(self.meta.get('adapter'))} but this engine "
+                f"runs with {said(adapter)}: train the head with the adapter the worker uses "
+                "(python -m worker.train_head --adapter), or unset ALLINONE_SENTIMENT_HEAD")
         if hidden_size != self.hidden_size:
             raise HeadError(
                 f"the sentiment head expects hidden size {self.hidden_size} ({name}) but the loaded model has "

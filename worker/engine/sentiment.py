@@ -1,7 +1,9 @@
 """Sentiment in one forward pass, as three stages: preprocess -> forward -> postprocess.
 
 At load, the sentiment prompt's fixed part (instruction and few-shot turns, :mod:`worker.prompts`) runs once and its
-key/value cache is kept (:class:`SentimentPipeline` construction). Then, for a list of messages:
+key/value cache is kept (:class:`SentimentPipeline` construction). With a sentiment adapter
+(:mod:`worker.engine.adapter`) every forward pass here runs with it on, the prefix's too; nothing else does.
+Then, for a list of messages:
 
 - **preprocess**: each message becomes its own tokens (cut to the token budget) followed by the prompt's suffix;
   messages are grouped by length and right-padded into batches (:mod:`worker.engine.batching`).
@@ -17,6 +19,7 @@ ordinary forward pass, full LM head, no cache, no batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from worker import prompts
+from worker.engine.adapter import SentimentAdapter
 from worker.engine.batching import length_batches, right_pad
 from worker.errors import ModelLoadError
 from worker.schemas import Sentiment
@@ -56,10 +60,12 @@ class Batch:
 class SentimentPipeline:
     """Scores messages on the cached sentiment prefix of one loaded model. Built once, at load."""
 
-    def __init__(self, tokenizer: Any, model: Any, few_shot: tuple[tuple[str, str], ...]) -> None:
+    def __init__(self, tokenizer: Any, model: Any, few_shot: tuple[tuple[str, str], ...],
+                 adapter: SentimentAdapter | None = None) -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.few_shot = few_shot
+        self.adapter = adapter  # attached to ``model``; on for every sentiment forward pass, the prefix's too
         self.label_ids: tuple[int, int] = (self._first_token(prompts.LABEL_WORDS[0]),
                                            self._first_token(prompts.LABEL_WORDS[1]))
         if self.label_ids[0] == self.label_ids[1]:
@@ -82,9 +88,23 @@ class SentimentPipeline:
         head, tail = rendered.split(marker)
         self.prefix_ids: list[int] = tokenizer(head, add_special_tokens=False)["input_ids"]
         self.suffix_ids: list[int] = tokenizer(tail, add_special_tokens=False)["input_ids"]
-        with torch.inference_mode():
-            out = self.decoder(input_ids=torch.tensor([self.prefix_ids]), use_cache=True)
-        self.prefix_cache = out.cache
+        self.prefix_cache = self.compute_prefix()
+
+    def adapted(self) -> contextlib.AbstractContextManager[None]:
+        """The sentiment adapter in the model for a block (nothing without one)."""
+        return self.adapter.active() if self.adapter is not None else contextlib.nullcontext()
+
+    def compute_prefix(self, trainable: bool = False) -> Any:
+        """The key/value cache of the prompt's fixed part, with the adapter on. ``trainable``: under no_grad
+        instead of inference mode, so a training step may build on it (inference tensors cannot be saved for
+        backward)."""
+        with torch.no_grad() if trainable else torch.inference_mode(), self.adapted():
+            return self.decoder(input_ids=torch.tensor([self.prefix_ids]), use_cache=True).cache
+
+    def use_adapter(self, adapter: SentimentAdapter | None) -> None:
+        """Score with ``adapter`` (attached to this model) from now on, or without one; the prefix is recomputed."""
+        self.adapter = adapter
+        self.prefix_cache = self.compute_prefix()
 
     def _first_token(self, word: str) -> int:
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -130,10 +150,21 @@ class SentimentPipeline:
         cache = copy.deepcopy(self.prefix_cache)
         if len(batch.rows) > 1:
             cache.batch_repeat_interleave(len(batch.rows))
-        with torch.inference_mode():
+        with torch.inference_mode(), self.adapted():
             return self.decoder(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True, cache=cache, **kw
             )
+
+    def train_logits(self, batch: Batch, prefix_cache: Any) -> torch.Tensor:
+        """The two label logits [n, 2] of a batch with autograd on, for training the adapter: ``prefix_cache``
+        from ``compute_prefix(trainable=True)`` (left unchanged; gradients do not flow into it)."""
+        cache = copy.deepcopy(prefix_cache)
+        if len(batch.rows) > 1:
+            cache.batch_repeat_interleave(len(batch.rows))
+        with self.adapted():
+            out = self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True,
+                               cache=cache)
+        return self.postprocess(out.last_hidden_state[torch.arange(len(batch.rows)), batch.last].float())
 
     def forward(self, batch: Batch, layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The final hidden state at each message's last token [n, H], and the states of ``layers`` there."""
@@ -156,10 +187,11 @@ class SentimentPipeline:
 
     def sentiments(self, scores: Scores, head: Any = None) -> list[Sentiment]:
         """Labels and confidences: the head's probability when one is given, else the prompt's."""
+        method = "prompt+adapter" if self.adapter is not None else "prompt"
         if head is not None:
-            p_pos, method = head.p_positive(scores), "prompt+head"
+            p_pos, method = head.p_positive(scores), method + "+head"
         else:
-            p_pos, method = scores.p_positive, "prompt"
+            p_pos = scores.p_positive
         return [Sentiment.from_p_positive(p, method) for p in p_pos.tolist()]
 
     # ------------------------------------------------------------------------------------------- the stages
@@ -182,7 +214,7 @@ class SentimentPipeline:
     def score_plain(self, text: str, max_tokens: int) -> Scores:
         """The reference: the whole prompt in one ordinary forward pass, full LM head, no cache, no batch."""
         ids = torch.tensor([self.prefix_ids + self.message_ids(text, max_tokens)])
-        with torch.inference_mode():
+        with torch.inference_mode(), self.adapted():
             out = self.model(input_ids=ids, output_hidden_states=True)
         logits = out.logits[0, -1].float()
         return Scores(

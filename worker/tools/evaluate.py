@@ -1,13 +1,15 @@
 """Measure sentiment against labelled messages: the worker's own code path, a trained baseline beside it.
 
     python -m worker.evaluate [--data FILE ...] [--split test|dev] [--limit 400] [--json] [--plot out.png]
+        [--head HEAD] [--adapter ADAPTER [--adapter-head HEAD]]
 
 Without ``--data`` it scores the sets shipped with the product (the zh and the en test set, or ``--split dev``), each
 reported on its own. The model is loaded once, as the worker loads it (``Settings`` from the environment, overridden
 by ``--model`` and ``--head``), and every message goes through ``Engine.score`` then ``Engine.sentiments``, which is
 exactly what ``Engine.classify`` runs. When a train split is found (``xx.test.jsonl`` -> ``xx.train.jsonl`` beside
 it or among the rebuilt sets, see ``worker.tools.datasets``) or given, the TF-IDF baseline is fitted on it and scored
-on the same messages in the same run.
+on the same messages in the same run. With ``--adapter`` the messages are scored a second time with the sentiment
+adapter on, so prompt, head, adapter and adapter + head are measured on the same run.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from worker.tools.datasets import Example, balanced_subset, find_train_split, re
 from worker.tools.metrics import NEG, POS, roc_auc, summarize
 
 
-def run(engine: Any, examples: Sequence[Example], train: Sequence[Example] | None = None) -> dict[str, Any]:
-    """Classify ``examples`` with the loaded engine (and the baseline when ``train`` is given); every metric."""
+def score(engine: Any, examples: Sequence[Example]) -> dict[str, Any]:
+    """Every metric of the engine as it is set up (adapter, head) on ``examples``; with a head, also the prompt
+    read from the same forward pass (``"prompt"``)."""
     texts = [e.text for e in examples]
     y_true = [e.label for e in examples]
     t0 = time.perf_counter()
@@ -47,10 +50,41 @@ def run(engine: Any, examples: Sequence[Example], train: Sequence[Example] | Non
         prompt = [Sentiment.from_p_positive(q) for q in p]
         report["prompt"] = summarize(y_true, [x.label for x in prompt], [x.confidence for x in prompt])
         report["prompt"]["auc"] = roc_auc(p, y_true)
+    return report
+
+
+def variants(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The methods one scoring pass measured, by name: its own, and the prompt alone under a head."""
+    out = {report["method"]: {k: v for k, v in report.items() if k != "prompt"}}
+    if "prompt" in report:
+        name = report["method"].removesuffix("+head")
+        out[name] = report["prompt"] | {"method": name,
+                                        "messages_per_second": report["messages_per_second"]}  # the same pass
+    return out
+
+
+def run(engine: Any, examples: Sequence[Example], train: Sequence[Example] | None = None,
+        adapter: str | Path | None = None, adapter_head: str | Path | None = None) -> dict[str, Any]:
+    """Classify ``examples`` with the loaded engine (and the baseline when ``train`` is given); every metric.
+
+    With ``adapter``, the same messages are scored again with the adapter on (and ``adapter_head``, a head trained
+    on its states): ``"variants"`` then holds prompt, prompt+head, prompt+adapter and prompt+adapter+head, each
+    with its own messages per second (the same messages, one after the other: their ratio is the adapter's cost)."""
+    report = score(engine, examples)
+    if adapter is not None:
+        head = engine.head
+        engine.use_adapter(adapter)
+        engine.use_head(adapter_head)
+        try:
+            on = score(engine, examples)
+        finally:
+            engine.use_adapter(None)
+            engine.head = head
+        report["variants"] = {**variants(report), **variants(on)}
     if train is not None:
         t1 = time.perf_counter()
-        base = baseline_predict(train, texts)
-        report["baseline"] = summarize(y_true, base)
+        base = baseline_predict(train, [e.text for e in examples])
+        report["baseline"] = summarize([e.label for e in examples], base)
         report["baseline"]["seconds"] = time.perf_counter() - t1
         report["baseline_accuracy"] = report["baseline"]["accuracy"]
         report["baseline_train_n"] = len(train)
@@ -71,9 +105,15 @@ def text_report(r: dict[str, Any], title: str) -> str:
         )
         lines.append(f"  {'':<10} confusion (rows true pos/neg, cols predicted pos/neg): {cm[0]} {cm[1]}")
 
-    block(r["method"], r)
-    if "prompt" in r:
-        block("prompt", r["prompt"])
+    if "variants" in r:
+        for name, m in r["variants"].items():
+            block(name, m)
+            if "messages_per_second" in m:
+                lines.append(f"  {'':<10} {m['messages_per_second']:.2f} messages/s")
+    else:
+        block(r["method"], r)
+        if "prompt" in r:
+            block("prompt", r["prompt"])
     if "baseline" in r:
         block("baseline", r["baseline"])
     lines.append(f"  {r['n']} messages, {r['messages_per_second']:.2f} messages/s")
@@ -94,6 +134,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="which shipped sets, without --data (default: test)")
     ap.add_argument("--model", help="overrides ALLINONE_MODEL (hub id, folder or .gguf)")
     ap.add_argument("--head", help="a sentiment head (python -m worker.train_head); overrides ALLINONE_SENTIMENT_HEAD")
+    ap.add_argument("--adapter", help="a sentiment adapter (python -m worker.train_adapter): the messages are scored "
+                    "without it, then with it, and prompt, head, adapter and adapter+head are reported side by side")
+    ap.add_argument("--adapter-head", help="with --adapter: a head trained on the adapter's states "
+                    "(python -m worker.train_head --adapter)")
     ap.add_argument("--no-head", action="store_true",
                     help="prompt scoring alone even if ALLINONE_SENTIMENT_HEAD is set")
     ap.add_argument("--limit", type=int, help="a balanced, deterministic subset of this many messages per set")
@@ -108,6 +152,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--text-field", default="text")
     ap.add_argument("--label-field", default="label")
     a = ap.parse_args(argv)
+    if a.adapter_head and not a.adapter:
+        ap.error("--adapter-head goes with --adapter")
     if a.train and a.data and len(a.data) > 1:
         ap.error("--train goes with one --data")
     return a
@@ -126,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["sentiment_head"] = Path(a.head)
     if a.no_head:
         overrides["sentiment_head"] = None
+    if a.adapter:  # scored with and without it: the engine loads without one
+        overrides["sentiment_adapter"] = None
     settings = Settings(**overrides)
     rebuilt = datasets.rebuilt_dir(settings.cache_dir)
 
@@ -148,14 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(settings)
     load = engine.load()
     for path, examples, train in sets:
-        report = run(engine, examples, train)
+        report = run(engine, examples, train, adapter=a.adapter, adapter_head=a.adapter_head)
         report.update(data=str(path), model=settings.model, model_identity=engine.identity.as_dict(),
                       dtype=load.dtype, head=str(settings.sentiment_head) if settings.sentiment_head else None)
         if a.plot:
             from worker.tools.plots import plot
 
-            title = f"{path.name}: {report['method']} on {engine.identity.name}"
-            plot(report, plot_path(a.plot, path, len(sets) > 1), title=title)
+            shown = report
+            if "variants" in report:  # the adapter's figure: with its head when there is one
+                v = report["variants"]
+                shown = v.get("prompt+adapter+head") or v["prompt+adapter"]
+            title = f"{path.name}: {shown['method']} on {engine.identity.name}"
+            plot(shown, plot_path(a.plot, path, len(sets) > 1), title=title)
         if a.json:
             print(json.dumps(report), flush=True)
         else:

@@ -47,3 +47,37 @@ def plot(report: dict[str, Any], out: str | Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def plot_training(history: dict[str, Any], out: str | Path, title: str = "") -> None:
+    """The training curve of an adapter: train loss per step (smoothed) and the dev checks (loss, accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    train = history["train"]
+    if train:
+        steps = [r["step"] for r in train]
+        smooth, run = [], None
+        for r in train:
+            run = r["loss"] if run is None else 0.9 * run + 0.1 * r["loss"]
+            smooth.append(run)
+        ax1.plot(steps, [r["loss"] for r in train], color="C0", alpha=0.25, lw=0.8, label="train loss (batch)")
+        ax1.plot(steps, smooth, color="C0", label="train loss (smoothed)")
+    dev = history["dev"]
+    ax1.plot([d["step"] for d in dev], [d["loss"] for d in dev], "o-", color="C3", label="dev loss")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("cross-entropy of the two label logits")
+    ax1.legend(fontsize=8)
+    ax2.plot([d["step"] for d in dev], [d["accuracy"] for d in dev], "o-", color="C2", label="dev accuracy")
+    ax2.plot([d["step"] for d in dev], [d["positive_share"] for d in dev], "s--", color="C7",
+             label="dev predicted positive")
+    ax2.set_xlabel("step")
+    ax2.set_ylim(0.3, 1.0)
+    ax2.legend(fontsize=8)
+    fig.suptitle(title or "sentiment adapter training")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -30,7 +30,9 @@ def train_head(
     check_features(features)
     scores = engine.score([e.text for e in examples], layers=feature_layers(features))
     y = torch.tensor([1 if e.label == POS else 0 for e in examples])
-    meta = {"model": engine.identity.as_dict(), "prompt": prompt_fingerprint(engine.few_shot)}
+    meta = {"model": engine.identity.as_dict(), "prompt": prompt_fingerprint(engine.few_shot),
+            # the states of the adapter in use, if any: the engine pairs this head with that adapter only
+            "adapter": engine.adapter.fingerprint if engine.adapter is not None else None}
     return SentimentHead.fit(feature_matrix(scores, features), y, engine.hidden_size, features, c=c, meta=meta)
 
 
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="the head file to write (.safetensors)")
     ap.add_argument("--model", help="overrides ALLINONE_MODEL")
     ap.add_argument("--limit", type=int, help="a balanced, deterministic subset of this many messages per file")
+    ap.add_argument("--adapter", help="train on the states of this sentiment adapter (python -m worker.train_adapter; "
+                    "overrides ALLINONE_SENTIMENT_ADAPTER); the head is then used with that adapter only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--features", default="hidden,logits",
                     help="comma-separated, of: hidden (final state), logits (the two label logits), layerN (the state "
@@ -55,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         ex = read_examples(path)
         examples += balanced_subset(ex, a.limit, seed=a.seed) if a.limit else ex
     features = check_features(tuple(f.strip() for f in a.features.split(",") if f.strip()))  # before the model loads
-    settings = Settings(**({"model": a.model} if a.model else {}), sentiment_head=None)
+    overrides: dict[str, Any] = {"model": a.model} if a.model else {}
+    if a.adapter:
+        overrides["sentiment_adapter"] = a.adapter
+    settings = Settings(**overrides, sentiment_head=None)
     engine = Engine(settings)
     engine.load()
     t0 = time.perf_counter()

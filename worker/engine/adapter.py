@@ -1,0 +1,262 @@
+"""The sentiment adapter: low-rank (LoRA) corrections of the upper layers' projections, on for sentiment only.
+
+A head can only read the states the frozen model computes; the adapter lets those states change for the one
+sentiment task. Each adapted projection ``base`` becomes ``base(x) + scale * B(A(x))`` with ``A`` [r, in] and
+``B`` [out, r] (``B`` starts at zero, so a fresh adapter changes nothing). The wrappers are put into the model only
+inside :meth:`SentimentAdapter.active` (the sentiment forward passes, the cached prefix among them) and taken out
+again on the way out: replies run the very modules they ran before, so greedy replies are byte-identical and pay
+nothing for it. Still one model in memory: the adapter is the two small matrices per projection.
+
+Our own few lines rather than PEFT: PEFT wraps ``nn.Linear`` (and its own list of quantised layer types), while the
+projections here may be packed bf16 layers (:class:`worker.engine.cpu.PackedLinear`) or weight-only int8/int4
+layers of the performance work, which are modules with ``in_features``/``out_features`` but not ``nn.Linear``.
+Calling ``base(x)`` and adding the low-rank term works around any of them.
+
+On disk: one safetensors file (``<module>.lora_a`` / ``<module>.lora_b``, float32) whose metadata holds the rank,
+the scale and, in ``meta``, the model it was trained on (its identity, see :mod:`worker.engine.identity`) and the
+sentiment prompt's fingerprint. The engine refuses an adapter that does not fit the loaded model
+(:class:`~worker.errors.AdapterError`). ``python -m worker.train_adapter`` trains one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from worker.errors import AdapterError
+
+if TYPE_CHECKING:
+    from worker.engine.identity import ModelIdentity
+
+FORMAT = "allinone-sentiment-adapter/1"
+FIX = "train an adapter for this model with python -m worker.train_adapter, or unset ALLINONE_SENTIMENT_ADAPTER"
+# The projections of a decoder layer (Qwen2/Llama names): attention, then MLP.
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+class LoRA(torch.nn.Module):
+    """``base(x) + scale * (x A^T) B^T``, around any module with ``in_features`` and ``out_features``."""
+
+    def __init__(self, base: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = int(base.in_features), int(base.out_features)
+        # The adapter's own tensors, not copies: training the adapter trains what ``active`` puts in.
+        self.lora_a = a if isinstance(a, torch.nn.Parameter) else torch.nn.Parameter(a, requires_grad=False)
+        self.lora_b = b if isinstance(b, torch.nn.Parameter) else torch.nn.Parameter(b, requires_grad=False)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled() and not isinstance(self.base, torch.nn.Linear):
+            y = _ThroughFrozen.apply(x, self.base)  # training: the gradient must reach the layers below
+        else:
+            y = self.base(x)
+        # In float32 whatever the base computes in (bf16 rounding would swallow a small correction).
+        d = (x.float() @ self.lora_a.T) @ self.lora_b.T
+        return y + (self.scale * d).to(y.dtype)
+
+
+class _ThroughFrozen(torch.autograd.Function):
+    """``base(x)`` for a frozen projection whose kernel has no backward of its own (the packed bf16 oneDNN op, a
+    weight-only quantised matmul): the gradient to ``x`` is ``grad_y @ W`` with ``W`` its dense weight."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
+        ctx.base = base
+        with torch.no_grad():
+            return base(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        w = dense_weight(ctx.base)
+        return (grad.to(w.dtype) @ w).to(grad.dtype), None
+
+
+def dense_weight(module: Any) -> torch.Tensor:
+    """A projection's weight as a plain [out, in] tensor (training only: inference never needs it)."""
+    w = getattr(module, "weight", None)
+    w = w() if callable(w) else w
+    if hasattr(module, "dequantize") and not isinstance(w, torch.Tensor):
+        w = module.dequantize()
+    if not isinstance(w, torch.Tensor):
+        raise AdapterError(f"cannot train through {type(module).__name__}: it exposes no dense weight (train with "
+                           "ALLINONE_QUANTIZE=none)")
+    return w.dequantize() if w.is_quantized else w
+
+
+def linear_like(module: Any) -> bool:
+    return isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None),
+                                                                                  int)
+
+
+def target_names(model: torch.nn.Module, layers: tuple[int, ...], projections: tuple[str, ...]) -> list[str]:
+    """The dotted names of the linear-like projections ``projections`` of decoder layers ``layers`` (0-based)."""
+    out = []
+    for name, mod in model.named_modules():
+        m = _LAYER.search(name + ".")
+        if m and int(m.group(1)) in layers and name.rpartition(".")[2] in projections and linear_like(mod):
+            out.append(name)
+    return out
+
+
+@dataclass
+class SentimentAdapter:
+    """The low-rank matrices of each adapted projection, by module name, and where they are put in a model."""
+
+    a: dict[str, torch.Tensor]  # name -> [r, in]
+    b: dict[str, torch.Tensor]  # name -> [out, r]
+    rank: int
+    alpha: float
+    meta: dict[str, Any] = field(default_factory=dict)
+    _model: torch.nn.Module | None = field(default=None, repr=False)
+    _wrappers: dict[str, LoRA] = field(default_factory=dict, repr=False)
+    _depth: int = field(default=0, repr=False)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.a)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the matrices: a head trained on this adapter's states records it."""
+        h = hashlib.sha256(f"{self.rank}/{self.alpha}".encode())
+        for n in self.names:
+            h.update(n.encode())
+            h.update(self.a[n].detach().float().contiguous().numpy().tobytes())
+            h.update(self.b[n].detach().float().contiguous().numpy().tobytes())
+        return h.hexdigest()[:12]
+
+    # ---------------------------------------------------------------------------------------- making one
+    @classmethod
+    def create(cls, model: torch.nn.Module, layers: tuple[int, ...], projections: tuple[str, ...] = ATTENTION + MLP,
+               rank: int = 8, alpha: float = 16.0, seed: int = 0, meta: dict[str, Any] | None = None
+               ) -> SentimentAdapter:
+        """A fresh, trainable adapter for ``model``: A random (seeded), B zero, so it starts as the model itself."""
+        names = target_names(model, layers, projections)
+        if not names:
+            raise AdapterError(f"no projection named {projections} in layers {layers} of this model")
+        gen = torch.Generator().manual_seed(seed)
+        a, b = {}, {}
+        for n in names:
+            mod = model.get_submodule(n)
+            a[n] = torch.nn.Parameter(torch.randn(rank, mod.in_features, generator=gen) / mod.in_features ** 0.5)
+            b[n] = torch.nn.Parameter(torch.zeros(mod.out_features, rank))
+        return cls(a=a, b=b, rank=rank, alpha=alpha, meta=dict(meta or {}))
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The trainable tensors (the wrappers share them: training them trains what ``active`` puts in)."""
+        return [t for n in self.names for t in (self.a[n], self.b[n])]
+
+    # ---------------------------------------------------------------------------------------- in a model
+    def attach(self, model: torch.nn.Module) -> SentimentAdapter:
+        """Bind to ``model`` (nothing changes in it until :meth:`active`); refuses modules that do not fit."""
+        wrappers = {}
+        for n in self.names:
+            try:
+                base = model.get_submodule(n)
+            except AttributeError:
+                raise AdapterError(f"the sentiment adapter adapts {n}, which the loaded model does not have: {FIX}"
+                                   ) from None
+            if not linear_like(base):
+                raise AdapterError(f"{n} of the loaded model is not a projection the adapter can wrap: {FIX}")
+            if (self.a[n].shape[1], self.b[n].shape[0]) != (base.in_features, base.out_features):
+                raise AdapterError(
+                    f"the sentiment adapter's {n} is {self.a[n].shape[1]} -> {self.b[n].shape[0]} but the loaded "
+                    f"model's is {base.in_features} -> {base.out_features}: {FIX}")
+            wrappers[n] = LoRA(base, self.a[n], self.b[n], self.scale)
+        self._model, self._wrappers = model, wrappers
+        return self
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """The adapter in the model for the block (re-entrant); the original modules back in place afterwards."""
+        if self._model is None:
+            raise AdapterError("the sentiment adapter is not attached to a model")
+        if self._depth == 0:
+            for n, w in self._wrappers.items():
+                _swap(self._model, n, w)
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                for n, w in self._wrappers.items():
+                    _swap(self._model, n, w.base)
+
+    # ---------------------------------------------------------------------------------------- checks
+    def check_model(self, *, identity: ModelIdentity, prompt: str) -> None:
+        """Refuse an adapter trained on another model or under another sentiment prompt (shapes: :meth:`attach`)."""
+        trained_on = self.meta.get("model")
+        if not (isinstance(trained_on, dict) and trained_on.get("fingerprint")):
+            raise AdapterError(f"the sentiment adapter records no model identity: {FIX}")
+        name = trained_on.get("name", "an unnamed model")
+        if trained_on["fingerprint"] != identity.fingerprint:
+            raise AdapterError(
+                f"the sentiment adapter was trained on {name} [{trained_on['fingerprint']}] but the loaded model is "
+                f"{identity.name} [{identity.fingerprint}]: {FIX}")
+        if self.meta.get("prompt") != prompt:
+            raise AdapterError(
+                f"the sentiment adapter was trained under the sentiment prompt {self.meta.get('prompt')!r} but this "
+                f"engine's prompt is {prompt!r}: {FIX}")
+
+    # ---------------------------------------------------------------------------------------- files
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for n in self.names:
+            tensors[f"{n}.lora_a"] = self.a[n].detach().float().contiguous()
+            tensors[f"{n}.lora_b"] = self.b[n].detach().float().contiguous()
+        metadata = {"format": FORMAT, "rank": str(self.rank), "alpha": str(self.alpha),
+                    "meta": json.dumps(self.meta)}
+        save_file(tensors, str(path), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SentimentAdapter:
+        from safetensors import safe_open
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise AdapterError(f"ALLINONE_SENTIMENT_ADAPTER names no file: {path} "
+                               "(train one: python -m worker.train_adapter)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        except Exception as e:
+            raise AdapterError(f"{path} is not a sentiment adapter file: {type(e).__name__}: {e}") from e
+        if md.get("format") != FORMAT:
+            raise AdapterError(f"{path} is not a sentiment adapter file (format {md.get('format')!r})")
+        a = {k[: -len(".lora_a")]: v.float() for k, v in t.items() if k.endswith(".lora_a")}
+        b = {k[: -len(".lora_b")]: v.float() for k, v in t.items() if k.endswith(".lora_b")}
+        rank = int(md["rank"])
+        if not a or set(a) != set(b) or any(a[n].shape[0] != rank or b[n].shape[1] != rank for n in a):
+            raise AdapterError(f"{path}: its matrices do not pair up at rank {rank}")
+        return cls(a=a, b=b, rank=rank, alpha=float(md["alpha"]), meta=json.loads(md.get("meta", "{}")))
+
+
+def _swap(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

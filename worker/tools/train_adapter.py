@@ -1,0 +1,232 @@
+"""Train a sentiment adapter: LoRA on the upper layers, with the product's own sentiment prompt and label words.
+
+    python -m worker.train_adapter --train sentiment-zh.train.jsonl --train sentiment-en.train.jsonl \
+        --limit 1500 --epochs 2 --out adapters/qwen.safetensors
+
+Then ``ALLINONE_SENTIMENT_ADAPTER=adapters/qwen.safetensors`` makes the worker score sentiment with it (method
+"prompt+adapter"); replies run without it. The loss is the cross-entropy of the two label words' logits at the
+answer position: exactly the two numbers the worker compares. An adapter belongs to one model and one sentiment
+prompt (its metadata records both, as a head's does).
+
+What keeps it cheap on a CPU: only the top ``--layers`` decoder layers are adapted, so autograd records nothing
+below them (no input of the lower layers needs a gradient) and the backward pass runs through the top layers only;
+messages are cut to ``--max-tokens``; batches hold messages of similar length. The cached prompt prefix is
+recomputed with the current adapter every ``--prefix-every`` steps, and no gradient flows into it: the adapter
+learns from the message and answer tokens (the worker computes the prefix with the finished adapter, exactly).
+A dev check (accuracy, log-loss, positive share) runs ``--checks-per-epoch`` times an epoch; the adapter with
+the lowest dev log-loss is kept, and training stops when ``--patience`` checks in a row did not improve it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.engine.adapter import ATTENTION, MLP, SentimentAdapter, target_names
+from worker.errors import AdapterError
+from worker.prompts import LABELS, prompt_fingerprint
+from worker.tools import datasets
+from worker.tools.datasets import Example, balanced_subset, read_examples
+
+PROJECTIONS = {"attn": ATTENTION, "mlp": MLP, "all": ATTENTION + MLP}
+
+
+def batches(engine: Any, examples: list[Example], batch_size: int, max_tokens: int, rng: random.Random) -> list:
+    """One epoch's batches: a seeded shuffle, then messages of similar length grouped (little padding)."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    ids = {i: engine.sentiment.message_ids(examples[i].text, max_tokens) for i in order}
+    out = []
+    pool = batch_size * 16
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start:start + pool], key=lambda i: len(ids[i]))
+        for k in range(0, len(chunk), batch_size):
+            rows = chunk[k:k + batch_size]
+            out.append(engine.sentiment.batch([ids[i] for i in rows], rows))
+    rng.shuffle(out)
+    return out
+
+
+def dev_check(engine: Any, dev: list[Example]) -> dict[str, float]:
+    """Accuracy, log-loss and predicted-positive share of the engine's current sentiment on ``dev``."""
+    scores = engine.score([e.text for e in dev], layers=())
+    y = torch.tensor([LABELS.index(e.label) for e in dev])
+    loss = torch.nn.functional.cross_entropy(scores.label_logits.float(), y).item()
+    pred = scores.label_logits.argmax(1)
+    return {"accuracy": (pred == y).float().mean().item(), "loss": loss,
+            "positive_share": (pred == 0).float().mean().item()}
+
+
+def train_adapter(
+    engine: Any, train: list[Example], dev: list[Example], *, epochs: int = 2, rank: int = 8, alpha: float = 16.0,
+    layers: int = 8, projections: str = "all", lr: float = 5e-4, batch_size: int = 8, max_tokens: int = 64,
+    checks_per_epoch: int = 1, patience: int = 2, prefix_every: int = 4, seed: int = 0, progress: bool = True,
+) -> tuple[SentimentAdapter, dict[str, Any]]:
+    """Train an adapter on the loaded engine (left with the best adapter in use); returns it and the history."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    n_layers = engine.num_layers
+    top = tuple(range(max(0, n_layers - layers), n_layers))
+    meta = {"model": engine.identity.as_dict(), "prompt": prompt_fingerprint(engine.few_shot)}
+    adapter = SentimentAdapter.create(engine.model, top, PROJECTIONS[projections], rank=rank, alpha=alpha, seed=seed,
+                                      meta=meta)
+    # A gradient crosses a frozen projection only inside a LoRA wrapper unless it is a plain Linear (packed bf16
+    # and quantised kernels have no backward): below the top adapted layer, every projection must be one of those.
+    blind = [n for n in target_names(engine.model, top, ATTENTION + MLP)
+             if n not in adapter.a and type(engine.model.get_submodule(n)) is not torch.nn.Linear]
+    if blind:
+        raise AdapterError(f"{blind[0]} is not a plain Linear and would not pass gradients: train with "
+                           "--projections all, or load the model with --dtype float32")
+    engine.use_adapter(adapter)
+    params = adapter.parameters()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps_per_epoch = -(-len(train) // batch_size)
+    total = steps_per_epoch * epochs
+    warmup = min(20, total // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / max(1, total)))
+    check_at = {round(steps_per_epoch * (k + 1) / checks_per_epoch) for k in range(checks_per_epoch)}
+    history: dict[str, Any] = {"train": [], "dev": [], "steps_per_epoch": steps_per_epoch}
+
+    def check(step: int, epoch: float) -> dict[str, float]:
+        engine.use_adapter(adapter)  # the prefix, recomputed with the adapter as it is now
+        with torch.no_grad():
+            d = dev_check(engine, dev) if dev else {"accuracy": float("nan"), "loss": float("nan"),
+                                                     "positive_share": float("nan")}
+        d.update(step=step, epoch=round(epoch, 3), seconds=round(time.perf_counter() - t0, 1))
+        history["dev"].append(d)
+        return d
+
+    t0 = time.perf_counter()
+    best = check(0, 0.0)
+    best_state = {k: t.detach().clone() for k, t in adapter.a.items()}, {k: t.detach().clone() for k, t in
+                                                                          adapter.b.items()}
+    since_best, step, stop = 0, 0, False
+    train_seconds = 0.0
+    for epoch in range(epochs):
+        bar = tqdm(batches(engine, train, batch_size, max_tokens, rng), desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=not progress, unit="batch")
+        running = None
+        for k, batch in enumerate(bar, start=1):
+            t1 = time.perf_counter()
+            if (k - 1) % prefix_every == 0:
+                prefix = engine.sentiment.compute_prefix(trainable=True)
+            y = torch.tensor([LABELS.index(train[i].label) for i in batch.rows])
+            loss = torch.nn.functional.cross_entropy(engine.sentiment.train_logits(batch, prefix), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            train_seconds += time.perf_counter() - t1
+            step += 1
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            history["train"].append({"step": step, "loss": round(loss.item(), 5), "items": len(batch.rows)})
+            bar.set_postfix(loss=f"{running:.3f}", dev=f"{best['accuracy']:.3f}")
+            if not dev or k not in check_at:
+                continue
+            d = check(step, epoch + k / steps_per_epoch)
+            bar.write(f"step {step}: dev accuracy {d['accuracy']:.4f}, loss {d['loss']:.4f}, "
+                      f"predicted positive {d['positive_share']:.3f}")
+            if d["loss"] < best["loss"]:
+                best, since_best = d, 0
+                best_state = ({n: t.detach().clone() for n, t in adapter.a.items()},
+                              {n: t.detach().clone() for n, t in adapter.b.items()})
+            else:
+                since_best += 1
+                if since_best >= patience:
+                    stop = True
+                    break
+        bar.close()
+        if stop:
+            break
+    if dev:  # keep the adapter of the best dev check
+        with torch.no_grad():
+            for n in adapter.names:
+                adapter.a[n].copy_(best_state[0][n])
+                adapter.b[n].copy_(best_state[1][n])
+    else:
+        best = check(step, epochs)
+    engine.use_adapter(adapter)
+    items = sum(r["items"] for r in history["train"])
+    adapter.meta.update(
+        layers=list(top), projections=projections, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
+        prefix_every=prefix_every, seed=seed, train_n=len(train), items_seen=items, steps=step, best=best,
+        seconds=round(time.perf_counter() - t0, 1),
+        train_seconds_per_item=round(train_seconds / max(1, items), 4), stopped_early=stop,
+    )
+    return adapter, history
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m worker.train_adapter", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train", action="append", required=True, type=Path, help="labelled JSON Lines or CSV; repeatable")
+    ap.add_argument("--dev", action="append", type=Path,
+                    help="labelled messages for the dev check; repeatable (default: the shipped zh and en dev sets)")
+    ap.add_argument("--out", required=True, type=Path, help="the adapter file to write (.safetensors)")
+    ap.add_argument("--model", help="overrides ALLINONE_MODEL")
+    ap.add_argument("--limit", type=int, help="a balanced, deterministic subset of this many messages per train file")
+    ap.add_argument("--dev-limit", type=int, help="a balanced subset of this many messages per dev file")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16.0, help="the low-rank term is scaled by alpha / rank")
+    ap.add_argument("--layers", type=int, default=8, help="adapt the top N decoder layers")
+    ap.add_argument("--projections", choices=sorted(PROJECTIONS), default="all")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64, help="messages are cut to this many tokens for training")
+    ap.add_argument("--checks-per-epoch", type=int, default=1)
+    ap.add_argument("--patience", type=int, default=2, help="stop after this many dev checks without improvement")
+    ap.add_argument("--prefix-every", type=int, default=4,
+                    help="recompute the cached prompt prefix with the adapter every N steps")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="overrides ALLINONE_DTYPE")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--history", type=Path, help="write the loss and dev history here (JSON)")
+    ap.add_argument("--plot", type=Path, help="write the training curve here (PNG)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    from worker.engine import Engine
+    from worker.settings import Settings
+
+    train: list[Example] = []
+    for path in a.train:  # read before the model loads: a wrong path fails at once
+        ex = read_examples(path)
+        train += balanced_subset(ex, a.limit, seed=a.seed) if a.limit else ex
+    dev: list[Example] = []
+    for path in a.dev or [datasets.shipped(lang, "dev") for lang in datasets.LANGS]:
+        ex = read_examples(path)
+        dev += balanced_subset(ex, a.dev_limit, seed=a.seed) if a.dev_limit else ex
+    overrides: dict[str, Any] = {"model": a.model} if a.model else {}
+    if a.dtype:
+        overrides["dtype"] = a.dtype
+    # Trained on the unquantised weights (quantisation is a deployment choice; the identity is the same).
+    settings = Settings(**overrides, sentiment_head=None, sentiment_adapter=None, quantize="none")
+    engine = Engine(settings)
+    engine.load()
+    adapter, history = train_adapter(
+        engine, train, dev, epochs=a.epochs, rank=a.rank, alpha=a.alpha, layers=a.layers, projections=a.projections,
+        lr=a.lr, batch_size=a.batch_size, max_tokens=a.max_tokens, checks_per_epoch=a.checks_per_epoch,
+        patience=a.patience, prefix_every=a.prefix_every, seed=a.seed, progress=not a.no_progress)
+    out = adapter.save(a.out)
+    if a.history:
+        a.history.parent.mkdir(parents=True, exist_ok=True)
+        a.history.write_text(json.dumps({"meta": adapter.meta, **history}))
+    if a.plot:
+        from worker.tools.plots import plot_training
+
+        plot_training(history, a.plot, title=f"sentiment adapter on {engine.identity.name}")
+    print(json.dumps({"out": str(out), "bytes": out.stat().st_size, "fingerprint": adapter.fingerprint,
+                      **adapter.meta}))
+    return 0
