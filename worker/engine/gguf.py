@@ -108,16 +108,43 @@ def convert(gguf: Path, mode: str, dtype: torch.dtype) -> tuple[Any, Any, dict[s
     return tokenizer, config, state
 
 
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8,
+                      "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+
+
+def read_aligned(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file read tensor by tensor into torch's own (aligned) memory.
+
+    Not memory-mapped: a tensor in a safetensors file starts wherever the previous one ended, and torch's packed
+    int8/int4 kernels load their weights with aligned vector loads (a mapped weight crashed them); a plain read
+    also keeps the resident memory at one copy of the weights."""
+    import json
+
+    out: dict[str, torch.Tensor] = {}
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = meta["data_offsets"]
+            t = torch.empty(meta["shape"], dtype=SAFETENSORS_DTYPES[meta["dtype"]])
+            f.seek(8 + n + start)
+            if end > start and f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - start:
+                raise OSError(f"{path}: truncated at {name}")
+            out[name] = t
+    return out
+
+
 def load(gguf: Path, cached: Path, mode: str, dtype: torch.dtype) -> tuple[Any, Any, bool]:
     """Tokenizer and quantised model of ``gguf``: from ``cached`` when it is complete, else converted and saved
     there (atomically: a worker killed mid-save leaves a .tmp folder, never a half cache). Third: from the cache."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
     if (cached / "config.json").is_file():
         config = AutoConfig.from_pretrained(str(cached))
         model = skeleton(config, mode, dtype)
-        materialize(model, load_file(str(cached / WEIGHTS_FILE)))
+        materialize(model, read_aligned(cached / WEIGHTS_FILE))
         return AutoTokenizer.from_pretrained(str(cached)), model, True
     log.info("converting %s once (%s weights); next start loads %s", gguf.name, mode, cached)
     tokenizer, config, state = convert(gguf, mode, dtype)

@@ -100,10 +100,7 @@ def run_probe(settings: Any, work: bool = False, timeout: float = 1800) -> dict[
 
 def converted_cache_exists(settings: Any) -> bool | None:
     """Whether the GGUF's converted weights are cached; None when the model is not a GGUF (nothing to convert)."""
-    from worker.engine import gguf_cache_dir
+    from worker.engine import converted_cache_path
 
-    path = Path(settings.model).expanduser()
-    if path.suffix != ".gguf" or not path.is_file():
-        return None
-    dtype = "float32" if settings.quantize == "int8" else settings.resolved_dtype()  # as Engine.load() decides
-    return (gguf_cache_dir(path, settings.cache_dir.expanduser(), dtype) / "config.json").is_file()
+    cached = converted_cache_path(settings)
+    return None if cached is None else (cached / "config.json").is_file()
