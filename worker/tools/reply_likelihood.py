@@ -15,10 +15,13 @@ from typing import Any
 
 REFERENCES: tuple[tuple[str, str], ...] = (
     ("你好，你是谁？", "你好！我是一个人工智能助手，可以回答问题、提供建议，也可以陪你聊天。"),
-    ("今天天气不错，有什么推荐的活动吗？", "天气好的时候很适合出去走走，比如去公园散步、骑自行车，或者和朋友一起野餐。"),
-    ("这家酒店的服务太差了，我很生气。", "听到你的经历我很抱歉。你可以把具体情况告诉酒店的经理，要求他们给出解释和补偿。"),
+    ("今天天气不错，有什么推荐的活动吗？",
+     "天气好的时候很适合出去走走，比如去公园散步、骑自行车，或者和朋友一起野餐。"),
+    ("这家酒店的服务太差了，我很生气。",
+     "听到你的经历我很抱歉。你可以把具体情况告诉酒店的经理，要求他们给出解释和补偿。"),
     ("推荐一本好看的小说吧。", "可以试试《活着》，这是余华写的一本小说，故事感人，语言朴实，很多人读了都很喜欢。"),
-    ("Hello! Who are you?", "Hi! I am an AI assistant. I can answer questions, give suggestions and help you with writing."),
+    ("Hello! Who are you?",
+     "Hi! I am an AI assistant. I can answer questions, give suggestions and help you with writing."),
     ("The movie was boring and far too long.", "Sorry it was a disappointment. A long film with a thin story can feel "
      "endless; maybe a shorter comedy would suit you better next time."),
     ("Can you give me a tip for learning English?", "Read a little every day, and say new words out loud. Short, "
