@@ -146,3 +146,19 @@ def test_reply_log_likelihood_is_a_mean_over_reply_tokens_and_moves_little_under
     assert len(ref["per_reply"]) == 2 and ref["mean_log_likelihood_per_token"] < 0
     assert abs(ref["perplexity"] - 2.718281828 ** -ref["mean_log_likelihood_per_token"]) < 1e-3 * ref["perplexity"]
     assert abs(q8["mean_log_likelihood_per_token"] - ref["mean_log_likelihood_per_token"]) < 0.01
+
+
+def test_the_quantised_cache_is_read_back_equal_and_aligned(tmp_path):
+    from safetensors.torch import save_file
+
+    from worker.engine.gguf import read_aligned
+
+    # Given tensors of odd byte sizes, so that in the file most of them start off a 64-byte boundary
+    state = {"a": torch.arange(3, dtype=torch.int8), "b": torch.randn(5, 7).to(torch.bfloat16),
+             "c": torch.randint(0, 255, (33,), dtype=torch.uint8), "d": torch.randn(4, 4)}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    # When read back, Then every tensor is equal and in torch's own aligned memory (the int8 kernel needs it)
+    back = read_aligned(tmp_path / "w.safetensors")
+    assert back.keys() == state.keys()
+    for k, t in state.items():
+        assert torch.equal(back[k], t) and back[k].dtype == t.dtype and back[k].data_ptr() % 64 == 0
