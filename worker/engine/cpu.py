@@ -1,6 +1,7 @@
 """Making the loaded model fast on this CPU: threads, weight-only quantisation, packed bf16 weights.
 
-Nothing here changes what the model computes beyond the rounding of its dtype; every function runs once, at load.
+Nothing here changes what the model computes beyond the rounding of its dtype and, when asked, of its weights
+(quantisation); every function runs once, at load.
 """
 
 from __future__ import annotations
