@@ -96,14 +96,16 @@ def test_quantize_model_swaps_every_linear_for_a_linear_like_module():
     assert model(x).shape == before.shape
 
 
-@pytest.mark.parametrize("mode", ["none", "int8"])
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 def test_batched_greedy_replies_equal_single_replies(lively_model_dir, tmp_path, mode):
     # Given prompts of different lengths (left-padded into one batch)
     engine = engine_for(lively_model_dir, tmp_path, quantize=mode)
     r = engine.replier
     prompts = [r.prompt_ids(h, t, engine.settings)[0] for h, t in REPLY_ITEMS]
     single = [r.generate(p, engine.settings).tolist() for p in prompts]
-    assert len({tuple(s) for s in single}) == len(single) and all(len(set(s)) > 3 for s in single)
+    # (under int4 one row meets the stop token after two tokens: a row ending early, for free)
+    assert len({tuple(s) for s in single}) == len(single) and sum(len(set(s)) > 3 for s in single) >= 3
+    assert len(single[0]) >= 5
     # When they are decoded together, Then each row is its own single reply, token for token
     assert [b.tolist() for b in r.generate_batch(prompts, engine.settings)] == single
     # and a row that meets a stop token ends there while the others go on
