@@ -70,7 +70,10 @@ def test_batch_task_skips_bad_payloads_and_labels_the_rest(store):
 
 def test_batch_task_with_replies_sends_one_reply_per_classified_turn_on_its_queue(store, monkeypatch):
     from worker import contract
+    from worker.settings import Settings
 
+    # replies one by one, each its own task
+    monkeypatch.setattr(tasks, "get_settings", lambda: Settings(reply_batch_size=1))
     sent = []
     monkeypatch.setattr(contract, "send_replies", lambda app, payloads, queue: sent.append((payloads, queue)))
     for i in range(3):
@@ -83,6 +86,25 @@ def test_batch_task_with_replies_sends_one_reply_per_classified_turn_on_its_queu
     ((payloads, queue),) = sent
     assert [p.message_id for p in payloads] == ["m0", "m2"] and queue == "bulk"
     assert store.get_turn("m0").status is Status.classified and store.get_turn("m1").status is Status.failed
+
+
+def test_batch_task_with_replies_writes_ready_replies_together_and_sends_the_rest(store, monkeypatch):
+    from worker import contract
+
+    sent = []
+    monkeypatch.setattr(contract, "send_replies", lambda app, payloads, queue: sent.append((payloads, queue)))
+    # Given two conversations, one of them with two turns in the batch
+    store.create_turn("c0", "m0", "first message")
+    store.create_turn("c0", "m1", "second message")
+    store.create_turn("c1", "m2", "another conversation")
+    batch = [{"message_id": m, "conversation_id": c} for m, c in (("m0", "c0"), ("m1", "c0"), ("m2", "c1"))]
+    assert tasks.classify_batch.apply(args=[batch], kwargs={"reply": True}).get() == dict.fromkeys(
+        ("m0", "m1", "m2"), "classified")
+    # Then the first turn of each conversation is replied in the batch; the later turn (its prompt needs m0's
+    # reply) is left to its own reply task
+    assert store.get_turn("m0").status is Status.done and store.get_turn("m2").status is Status.done
+    ((payloads, queue),) = sent
+    assert [p.message_id for p in payloads] == ["m1"] and store.get_turn("m1").status is Status.classified
 
 
 def test_a_batch_that_fails_fails_every_unfinished_turn_of_it(store, monkeypatch):

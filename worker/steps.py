@@ -129,6 +129,12 @@ def reply_turn(
     reply = engine.reply([(t.text, t.reply or "") for t in history], turn.text, on_text=stream)
     if stream is not None:
         stream.flush()
+    _store_reply(store, engine.model_id, message_id, history, reply, stream)
+    return store.get_turn(message_id)
+
+
+def _store_reply(store: ResultsStore, model_id: str, message_id: str, history: list[Turn], reply: Any,
+                 stream: Any = None) -> None:
     # The engine keeps the most recent turns that fit the history budget: those are the prompt's context.
     kept = history[len(history) - reply.history_turns :] if reply.history_turns else []
     note = "reply cut at the time bound (ALLINONE_REPLY_TIMEOUT_SECONDS)" if reply.timed_out else None
@@ -136,7 +142,31 @@ def reply_turn(
     if stream is not None:
         # later than the first token when it is part of a character (CJK, emoji: two or three tokens each)
         timing["first_text_at"] = stream.first_text_at
-    store.mark_done(
-        message_id, reply.text, engine.model_id, error=note, context=[t.message_id for t in kept], timing=timing
-    )
-    return store.get_turn(message_id)
+    store.mark_done(message_id, reply.text, model_id, error=note, context=[t.message_id for t in kept], timing=timing)
+
+
+def reply_turns(engine: Any, store: ResultsStore, message_ids: list[str], batch_size: int) -> list[str]:
+    """Write the replies of many classified turns, up to ``batch_size`` decoded together (the bulk path).
+
+    Only turns whose earlier turns are all finished are batched, one per conversation (a later turn's prompt
+    needs the earlier one's reply); returns the ids of the classified turns left for one-by-one replies."""
+    ready: list[tuple[Turn, list[Turn]]] = []
+    left: list[str] = []
+    seen: set[str] = set()
+    turns = [t for t in store.get_turns(message_ids) if t is not None and t.status is Status.classified]
+    for turn in sorted(turns, key=lambda t: (t.conversation_id, t.seq)):
+        earlier = [t for t in store.get_conversation(turn.conversation_id).turns if t.seq < turn.seq]
+        if turn.conversation_id in seen or any(not t.status.terminal for t in earlier):
+            left.append(turn.message_id)
+            continue
+        seen.add(turn.conversation_id)
+        ready.append((turn, [t for t in earlier if t.status is Status.done]))
+    for start in range(0, len(ready), batch_size):
+        chunk = ready[start : start + batch_size]
+        for turn, _ in chunk:
+            store.mark_working(turn.message_id)
+            store.begin_reply(turn.message_id)
+        replies = engine.reply_batch([([(t.text, t.reply or "") for t in h], turn.text) for turn, h in chunk])
+        for (turn, history), reply in zip(chunk, replies, strict=True):
+            _store_reply(store, engine.model_id, turn.message_id, history, reply)
+    return left

@@ -163,8 +163,13 @@ def classify_batch(self: Task, payloads: list[dict[str, Any]], reply: bool = Fal
             return outcome
         # Classified now or by an earlier delivery of this batch (whose replies may not all have been sent):
         # a reply sent twice finds the turn done the second time and does nothing.
+        settings = get_settings()
+        queue = (self.request.delivery_info or {}).get("routing_key") or settings.bulk_queue
         waiting = {t.message_id for t in store.get_turns(mids) if t is not None and t.status is Status.classified}
-        queue = (self.request.delivery_info or {}).get("routing_key") or get_settings().bulk_queue
+        policy = events.TokenPolicy.from_settings(settings)
+        if settings.reply_batch_size > 1 and (policy is None or not policy.streams(queue)):
+            # Replies decoded together where their conversations allow; the rest go one by one, as before.
+            waiting = set(steps.reply_turns(engine, store, sorted(waiting), settings.reply_batch_size))
         contract.send_replies(self.app, [p for p in good if p.message_id in waiting], queue)
         return outcome
 

@@ -310,11 +310,12 @@ CHATML = (
 )
 
 
-def build_tiny_model(dest: Path, seed: int = 0) -> Path:
+def build_tiny_model(dest: Path, seed: int = 0, init_std: float = 0.02) -> Path:
     """A tiny Qwen2-architecture model and a byte-level BPE tokenizer, saved as a model folder at ``dest``.
 
     Its weights are random (seeded), so its outputs are meaningless but exact: tests assert on shapes,
-    determinism and agreement between code paths."""
+    determinism and agreement between code paths. A larger ``init_std`` makes its greedy replies vary from token
+    to token (at the default they repeat one token), for tests of the decode."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -349,6 +350,7 @@ def build_tiny_model(dest: Path, seed: int = 0) -> Path:
         tie_word_embeddings=True,
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tok.pad_token_id,
+        initializer_range=init_std,
     )
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(dest)

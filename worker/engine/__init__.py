@@ -9,7 +9,12 @@ What lives where:
   ``ALLINONE_CACHE_DIR``); the load dtype rule; :class:`LoadReport`.
 - ``identity.py``: :class:`ModelIdentity`, the loaded model's name and a fingerprint of its weights that is the
   same wherever and however they were stored.
-- ``cpu.py``: threads, int8 dynamic quantisation, bf16 Linears packed for oneDNN (and their file pages released).
+- ``cpu.py``: threads, weight-only quantisation at load, bf16 Linears packed for oneDNN (and their file pages
+  released).
+- ``quant.py``: weight-only int8 (per output channel) and int4 (groups of 32) linear layers on torch's own CPU
+  kernels (``ALLINONE_QUANTIZE``), the LM head included.
+- ``gguf.py``: a GGUF loaded tensor by tensor straight into quantised layers (no float copy of the whole model),
+  and cached in that form.
 - ``batching.py``: which messages share a forward pass (:func:`plan_batches`) and their right padding.
 - ``sentiment.py``: the sentiment pipeline (preprocess -> forward -> postprocess) on a cached prompt prefix;
   :class:`Scores`.
@@ -29,7 +34,8 @@ so batched, cached and plain scores agree.
 A reply, ``engine.reply(history, text)``: the most recent earlier turns that fit the history token budget, with
 special-token strings in user text broken up (:func:`worker.prompts.neutralize`), are rendered with the model's chat
 template; ``generate`` decodes new tokens up to ``max_new_tokens``, a stop token or the wall-clock bound; the
-result is a :class:`Reply`.
+result is a :class:`Reply`. ``engine.reply_batch(items)`` decodes several replies together (left-padded prompts,
+a row ends at its stop token, the time bound holds for the batch): the bulk path's replies.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Making the loaded model fast on this CPU: threads, int8 dynamic quantisation, packed bf16 weights.
+"""Making the loaded model fast on this CPU: threads, weight-only quantisation, packed bf16 weights.
 
-Nothing here changes what the model computes beyond the rounding of its dtype; every function runs once, at load.
+Nothing here changes what the model computes beyond the rounding of its dtype and, when asked, of its weights
+(quantisation); every function runs once, at load.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 
+from worker.engine import quant
 from worker.settings import Settings, cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
@@ -26,21 +28,19 @@ def set_threads(threads: int) -> None:
 
 
 def tune(model: Any, settings: Settings, dtype: str) -> Any:
-    """The model to run: quantised to int8 when asked, else with bf16 Linears packed where the CPU has bf16."""
+    """The model to run: weight-only quantised when asked (a GGUF arrives already quantised), else with bf16
+    Linears packed where the CPU has bf16."""
     model.eval()
     model.requires_grad_(False)
-    if settings.quantize == "int8":
-        return quantize_int8(model)
+    mode = settings.resolved_quantize()
+    if mode in quant.MODES:
+        n = quant.quantize_model(model, mode, next(model.parameters()).dtype)
+        if n:
+            log.info("quantised %d linear layers to %s weights", n, mode)
+        return model
     if dtype == "bfloat16" and cpu_has_native_bf16():
         log.info("packed %d bf16 Linear layers for oneDNN", pack_bf16_linears(model))
     return model
-
-
-def quantize_int8(model: Any) -> Any:
-    """Dynamic int8 on Linear layers only; embeddings and norms stay in float. Returns a new model."""
-    from torch.ao.quantization import quantize_dynamic
-
-    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 class PackedLinear(torch.nn.Module):

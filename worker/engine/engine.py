@@ -62,13 +62,14 @@ class Engine:
         s = self.settings
         dtype = loading.load_dtype(s)
         cpu.set_threads(s.threads)
-        log.info("loading model %s (dtype %s, %d threads, quantize %s)", s.model, dtype, s.threads, s.quantize)
+        log.info("loading model %s (dtype %s, %d threads, quantize %s)", s.model, dtype, s.threads,
+                 s.resolved_quantize())
         t0 = time.perf_counter()
         loaded = loading.load_weights(s, dtype)
         self.tokenizer = loaded.tokenizer
         self._identity = identify(s.model, loaded.model)
         self.model = cpu.tune(loaded.model, s, dtype)
-        loaded.model = None  # int8 quantisation made a new model: let the float one go
+        loaded.model = None
         if s.sentiment_adapter is not None:
             self.adapter = self._load_adapter(s.sentiment_adapter)
         self._sentiment = SentimentPipeline(self.tokenizer, self.model, self.few_shot, self.adapter)
@@ -85,7 +86,7 @@ class Engine:
             weights_bytes=loading.weights_bytes(self.model),
             from_cache=loaded.from_cache,
             prefix_tokens=len(self._sentiment.prefix_ids),
-            quantize=s.quantize,
+            quantize=s.resolved_quantize(),
             identity=self._identity,
         )
         r = self.report
@@ -240,3 +241,8 @@ class Engine:
         """A chat reply to ``text`` that sees the earlier (user, reply) turns that fit the history budget;
         ``on_text`` gets its text as it is written (the pieces of a streamed reply)."""
         return self.replier.reply(history, text, self.settings, on_text=on_text)
+
+    def reply_batch(self, items: list[tuple[list[tuple[str, str]], str]]) -> list[Reply]:
+        """Replies to several (earlier turns, text) pairs decoded together in one batch (the bulk path); under
+        greedy decoding each equals its own :meth:`reply`."""
+        return self.replier.reply_batch(items, self.settings)

@@ -57,9 +57,18 @@ class Loaded:
 
 
 def load_dtype(settings: Settings) -> str:
-    """The dtype weights are loaded in: float32 under int8 quantisation (its dynamic kernels take float32
-    activations), else the configured dtype resolved against this CPU."""
-    return "float32" if settings.quantize == "int8" else settings.resolved_dtype()
+    """The dtype of the weights that stay float and of the activations: the configured dtype resolved against
+    this CPU (quantised layers compute in it too)."""
+    return settings.resolved_dtype()
+
+
+def cache_key(settings: Settings) -> str:
+    """What the converted weights of a GGUF depend on beyond the file: the dtype, and the quantisation mode (whose
+    packed int4 layout is torch's own, so its version too)."""
+    dtype, mode = load_dtype(settings), settings.resolved_quantize()
+    if mode == "none":
+        return dtype
+    return f"{mode}-{dtype}-torch{torch.__version__.split('+')[0]}"
 
 
 def gguf_cache_dir(gguf: Path, cache_root: Path, dtype: str) -> Path:
@@ -80,7 +89,7 @@ def converted_cache_path(settings: Settings) -> Path | None:
     path = Path(settings.model).expanduser()
     if path.suffix != ".gguf" or not path.is_file():
         return None
-    return gguf_cache_dir(path, settings.cache_dir.expanduser(), load_dtype(settings))
+    return gguf_cache_dir(path, settings.cache_dir.expanduser(), cache_key(settings))
 
 
 def load_weights(settings: Settings, dtype: str) -> Loaded:
@@ -118,8 +127,15 @@ def _load_pretrained(source: str, settings: Settings, dtype: str, **kw: Any) -> 
 
 
 def _load_gguf(gguf: Path, settings: Settings, dtype: str) -> Loaded:
-    """Dequantising a GGUF takes a minute; we do it once and keep safetensors in the cache."""
-    cached = gguf_cache_dir(gguf, settings.cache_dir.expanduser(), dtype)
+    """Dequantising a GGUF takes a minute; we do it once and keep safetensors in the cache. Quantised modes load
+    it tensor by tensor straight into their layers (:mod:`worker.engine.gguf`)."""
+    cached = gguf_cache_dir(gguf, settings.cache_dir.expanduser(), cache_key(settings))
+    mode = settings.resolved_quantize()
+    if mode != "none":
+        from worker.engine import gguf as gguf_loader
+
+        tokenizer, model, hit = gguf_loader.load(gguf, cached, mode, DTYPES[dtype])
+        return Loaded(tokenizer, model, source=str(cached if hit else gguf), from_cache=hit)
     if (cached / "config.json").is_file():
         return Loaded(*_load_pretrained(str(cached), settings, dtype), source=str(cached), from_cache=True)
     log.info("converting %s once (dequantise to %s); next start loads %s", gguf.name, dtype, cached)
@@ -161,13 +177,9 @@ def _complete_tokenizer(tok: Any) -> None:
 
 
 def weights_bytes(model: Any) -> int:
-    """Bytes of the model's parameters and buffers, int8 weights of dynamically quantised Linears included."""
+    """Bytes of the model's parameters and buffers (the quantised layers' weights and scales are buffers)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(b.numel() * b.element_size() for b in model.buffers())
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        if callable(w):  # a dynamically quantised Linear: weight() is int8 and no parameter
-            total += w().numel() * w().element_size()
     return int(total)
 
 

@@ -132,6 +132,14 @@ class Replier:
         exception it raises ends the decode."""
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
+        gen = self._generate_kwargs(settings)
+        if on_token is not None:
+            gen["streamer"] = _TokenStreamer(on_token)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
+        return out[0, ids.shape[1] :]
+
+    def _generate_kwargs(self, settings: Settings) -> dict[str, Any]:
         gen: dict[str, Any] = dict(
             max_new_tokens=settings.max_new_tokens,
             do_sample=settings.do_sample,
@@ -142,15 +150,35 @@ class Replier:
             # time limits are not enforced.
             max_time=settings.reply_timeout_seconds,
         )
-        if on_token is not None:
-            gen["streamer"] = _TokenStreamer(on_token)
         if settings.do_sample:
             gen.update(temperature=settings.temperature, top_p=settings.top_p)
         else:
             gen.update(temperature=None, top_p=None, top_k=None)
+        return gen
+
+    def generate_batch(self, prompts_ids: list[torch.Tensor], settings: Settings) -> list[torch.Tensor]:
+        """The new token ids of several prompts ([1, T_i] each) decoded together: left-padded so every row's
+        next token is at the same column; a row that meets a stop token is finished (generate pads it after);
+        the wall-clock bound holds for the batch, so for every row. Under greedy decoding each row equals its
+        own :meth:`generate`."""
+        if len(prompts_ids) == 1:
+            return [self.generate(prompts_ids[0], settings)]
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        longest = max(int(p.shape[1]) for p in prompts_ids)
+        ids = torch.full((len(prompts_ids), longest), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts_ids):
+            ids[row, longest - p.shape[1] :] = p[0]
+            mask[row, longest - p.shape[1] :] = 1
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
-        return out[0, ids.shape[1] :]
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **self._generate_kwargs(settings))
+        new = []
+        for row in out[:, longest:]:
+            ends = [i for i, t in enumerate(row.tolist()) if t in self.stop_ids]
+            new.append(row[: ends[0] + 1] if ends else row)
+        return new
 
     # ------------------------------------------------------------------------------------------- the reply
     def reply(
@@ -176,7 +204,19 @@ class Replier:
 
         t0 = time.perf_counter()
         new = self.generate(ids, settings, on_token=on_token)
+        return self._result(new, ids, kept, time.perf_counter() - t0, settings, first[0] if first else None)
+
+    def reply_batch(self, items: list[tuple[list[tuple[str, str]], str]], settings: Settings) -> list[Reply]:
+        """Replies to several (history, text) pairs decoded in one batch (the bulk path; no streaming)."""
+        prompts_ids = [self.prompt_ids(history, text, settings) for history, text in items]
+        t0 = time.perf_counter()
+        news = self.generate_batch([ids for ids, _ in prompts_ids], settings)
         seconds = time.perf_counter() - t0
+        return [self._result(new, ids, kept, seconds, settings, None)
+                for new, (ids, kept) in zip(news, prompts_ids, strict=True)]
+
+    def _result(self, new: torch.Tensor, ids: torch.Tensor, kept: int, seconds: float, settings: Settings,
+                first_token_at: float | None) -> Reply:
         stopped = len(new) > 0 and int(new[-1]) in self.stop_ids
         timed_out = (not stopped) and len(new) < settings.max_new_tokens and seconds >= settings.reply_timeout_seconds
         return Reply(
@@ -186,5 +226,5 @@ class Replier:
             history_turns=kept,
             seconds=seconds,
             timed_out=timed_out,
-            first_token_at=first[0] if first else None,
+            first_token_at=first_token_at,
         )

@@ -71,13 +71,11 @@ class SentimentPipeline:
         if self.label_ids[0] == self.label_ids[1]:
             raise ModelLoadError(f"the label words {prompts.LABEL_WORDS} start with the same token")
         out_emb = model.get_output_embeddings()
-        # A dynamically quantised Linear exposes weight() and bias() as methods returning its (int8) tensors.
-        w = out_emb.weight() if callable(out_emb.weight) else out_emb.weight
-        if w.is_quantized:
-            w = w.dequantize()
+        # A quantised head (worker.engine.quant) has no float weight: it dequantises the rows asked for.
+        rows = getattr(out_emb, "weight_rows", None)
+        w = rows(list(self.label_ids)) if rows is not None else out_emb.weight[list(self.label_ids)]
         b = getattr(out_emb, "bias", None)
-        b = b() if callable(b) else b
-        self.label_weights = w[list(self.label_ids)].detach().float().clone()  # [2, H]
+        self.label_weights = w.detach().float().clone()  # [2, H]
         self.label_bias = b[list(self.label_ids)].detach().float().clone() if b is not None else None
 
         # Split the rendered sentiment prompt around a marker: what comes before is the same for every message.

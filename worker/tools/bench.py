@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.tools import datasets
-from worker.tools.bench_paths import naive_label, time_reply
+from worker.tools import bench_reference, datasets
+from worker.tools.bench_paths import messages_with_replies, naive_label, time_batched_reply, time_reply
 from worker.tools.bench_probes import (
     FALLBACK_MESSAGES,
+    REPLY_PROMPT,
     converted_cache_exists,
     cpu_model,
     measure_bandwidth,
@@ -82,6 +83,7 @@ def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int =
     elif cached and cold:
         with tempfile.TemporaryDirectory(prefix="allinone-cold-") as tmp:
             cold_seconds = run_probe(settings.model_copy(update={"cache_dir": Path(tmp)}))["load"]["seconds"]
+    load_only = run_probe(settings)
     warm = run_probe(settings, work=True)
 
     engine = Engine(settings)
@@ -133,6 +135,13 @@ def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int =
     reply = time_reply(engine, reply_tokens)
     for _ in range(rounds - 1):
         reply = reply.best(time_reply(engine, reply_tokens))
+    batch = settings.reply_batch_size
+    batched_rate = max(time_batched_reply(engine, reply_tokens, batch) for _ in range(rounds))
+    with_replies = max(messages_with_replies(engine, texts[:batch], reply_tokens) for _ in range(rounds))
+    # llama.cpp on the same GGUF, prompt (as text, special tokens kept) and threads, in its own process.
+    ids, _ = engine.reply_prompt_ids([], REPLY_PROMPT)
+    reference = bench_reference.measure(settings.model, engine.tokenizer.decode(ids[0]), report.threads,
+                                        reply_tokens, rounds)
     # Again next to the decode it bounds, keeping the better one: a neighbour's job can only lower it.
     bandwidth = max(bandwidth, measure_bandwidth())
     weights = report.weights_bytes
@@ -163,12 +172,20 @@ def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int =
         "reply_first_token_seconds": reply.first_token_seconds,
         "reply_tokens_per_second": reply.decode_tokens_per_second,
         "decode_loop_tokens_per_second": reply.loop_tokens_per_second,
+        "reply_batch_size": batch,
+        "batched_reply_tokens_per_second": batched_rate,
+        "messages_per_second_with_replies": with_replies,
+        **reference,
+        "reply_vs_reference": (reply.decode_tokens_per_second / reference["reference_tokens_per_second"]
+                               if reference["reference_tokens_per_second"] else None),
         "memory_bandwidth_bytes_per_second": bandwidth,
         "bandwidth_limit_tokens_per_second": limit,
         "decode_fraction_of_limit": reply.decode_tokens_per_second / limit,
         "cold_load_seconds": cold_seconds,
         "warm_load_seconds": warm["load"]["seconds"],
         "warm_load_wall_seconds": warm["wall_seconds"],
+        "load_peak_rss_bytes": load_only["peak_rss_bytes"],
+        "load_rss_bytes": load_only["load"]["rss_bytes"],
         "peak_rss_bytes": warm["peak_rss_bytes"],
         "bench_peak_rss_bytes": peak_rss_bytes(),
         "weights_bytes": weights,
@@ -188,6 +205,11 @@ def format_table(r: dict[str, Any]) -> str:
     limit = r["bandwidth_limit_tokens_per_second"]
     load = f"{cold} / {r['warm_load_seconds']:.1f} s ({r['warm_load_wall_seconds']:.1f} s from process start)"
     rss = f"{r['peak_rss_bytes'] / mib:.0f} MiB ({r['rss_over_weights']:.2f}x weights)"
+    ref = refmem = "- (llama-cpp-python not installed, or not a GGUF)"
+    if r.get("reference_tokens_per_second"):
+        ref = (f"{r['reference_tokens_per_second']:.1f} tok/s / {r['reference_first_token_seconds']:.2f} s "
+               f"(worker decode {r['reply_vs_reference']:.2f}x)")
+        refmem = f"{r['reference_peak_rss_bytes'] / mib:.0f} MiB"
     rows = [
         ("model", r["model"]),
         ("model identity", "{name} [{fingerprint}]".format(**r["model_identity"]) if "model_identity" in r else "-"),
@@ -204,10 +226,15 @@ def format_table(r: dict[str, Any]) -> str:
         ("reply first token", f"{r['reply_first_token_seconds']:.2f} s ({r['reply_prompt_tokens']}-token prompt)"),
         ("reply decode (generate)", f"{r['reply_tokens_per_second']:.1f} tok/s ({r['reply_new_tokens']} tokens)"),
         ("decode, bare forward loop", f"{r['decode_loop_tokens_per_second']:.1f} tok/s"),
+        (f"batched decode ({r['reply_batch_size']} rows)", f"{r['batched_reply_tokens_per_second']:.1f} tok/s"),
+        ("bulk with replies", f"{r['messages_per_second_with_replies']:.2f} msg/s"),
+        ("llama.cpp decode / first token", ref),
+        ("llama.cpp peak RSS", refmem),
         ("memory bandwidth", f"{r['memory_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s"),
         ("bandwidth-limit decode", f"{limit:.1f} tok/s  (decode at {r['decode_fraction_of_limit']:.0%} of it)"),
         ("load cold / warm", load),
         ("weights", f"{r['weights_bytes'] / mib:.0f} MiB"),
+        ("peak RSS while loading", f"{r['load_peak_rss_bytes'] / mib:.0f} MiB"),
         ("peak RSS, worker-like process", rss),
         ("peak RSS, this benchmark", f"{r['bench_peak_rss_bytes'] / mib:.0f} MiB (reference paths, bandwidth probe)"),
     ]
@@ -219,7 +246,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m worker.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="Model to measure (default: ALLINONE_MODEL).")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="Default: ALLINONE_DTYPE.")
-    p.add_argument("--quantize", choices=["none", "int8"], help="Default: ALLINONE_QUANTIZE.")
+    p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], help="Default: ALLINONE_QUANTIZE.")
+    p.add_argument("--reply-batch-size", type=int, help="Rows of a reply batch (default: ALLINONE_REPLY_BATCH_SIZE).")
     p.add_argument("--threads", type=int, help="Default: ALLINONE_THREADS.")
     p.add_argument("--batch-size", type=int, help="Bulk batch size (default: ALLINONE_SENTIMENT_BATCH_SIZE).")
     p.add_argument("--messages", type=Path, action="append",
@@ -231,6 +259,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of the table.")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     p.add_argument("--probe-work", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--reference", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -238,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.probe:
         probe_main(args.probe, args.probe_work)
+        return 0
+    if args.reference:
+        bench_reference.reference_main(args.reference)
         return 0
     from worker.settings import Settings
 
@@ -247,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "quantize": args.quantize,
         "threads": args.threads,
         "sentiment_batch_size": args.batch_size,
+        "reply_batch_size": args.reply_batch_size,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     texts = load_messages(args.messages or default_message_files(), args.n)

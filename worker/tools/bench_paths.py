@@ -113,3 +113,42 @@ def time_reply(engine: Any, new_tokens: int) -> ReplyTiming:
             nxt = res.logits[:, -1:].argmax(-1)
         loop_rate = (new_tokens - 1) / (time.perf_counter() - t1) if new_tokens > 1 else 0.0
     return ReplyTiming(int(ids.shape[1]), n, first, rate, loop_rate)
+
+
+def time_batched_reply(engine: Any, new_tokens: int, batch: int) -> float:
+    """Decode tokens per second of ``batch`` greedy replies decoded together (all rows counted), forced to
+    ``new_tokens`` tokens each, after the prefill: what the bulk path's reply batches run at.
+
+    The prompts differ (a different question per row) and are left-padded, as ``Engine.reply_batch`` does."""
+    import torch
+
+    prompts = [engine.reply_prompt_ids([], f"{REPLY_PROMPT} ({i + 1})")[0] for i in range(batch)]
+    longest = max(int(p.shape[1]) for p in prompts)
+    pad = engine.tokenizer.pad_token_id or 0
+    ids = torch.full((batch, longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, longest - p.shape[1] :], mask[row, longest - p.shape[1] :] = p[0], 1
+    clock = _TokenClock()
+    with torch.inference_mode():
+        engine.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                              pad_token_id=pad, streamer=clock)
+    steps = len(clock.times) - 1  # the first put is the prompt
+    return batch * (steps - 1) / (clock.times[-1] - clock.times[1]) if steps > 1 else 0.0
+
+
+def messages_with_replies(engine: Any, texts: list[str], new_tokens: int) -> float:
+    """Messages per second of the bulk path with replies: sentiment of ``texts`` in batches, then their greedy
+    replies of at most ``new_tokens`` tokens, ``reply_batch_size`` at a time (the product's calls)."""
+    settings = engine.settings
+    engine.settings = settings.model_copy(update={"do_sample": False, "max_new_tokens": new_tokens})
+    try:
+        t0 = time.perf_counter()
+        engine.classify(texts)
+        size = engine.settings.reply_batch_size
+        for start in range(0, len(texts), size):
+            engine.reply_batch([([], t) for t in texts[start : start + size]])
+        return len(texts) / (time.perf_counter() - t0)
+    finally:
+        engine.settings = settings

@@ -31,8 +31,18 @@ REPLY_PROMPT = "请用两三句话介绍一下你自己，再说说你能帮我�
 
 
 def peak_rss_bytes() -> int:
-    """The high-water mark of this process's resident memory (Linux reports KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """The high-water mark of this process's resident memory.
+
+    ``VmHWM`` belongs to the process's own address space, which exec replaces; ``getrusage``'s maxrss survives
+    exec, so a probe started from the loaded benchmark would report the benchmark's memory (seen: 1.6 GiB for
+    llama.cpp's 0.6)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def cpu_model() -> str:
@@ -100,10 +110,7 @@ def run_probe(settings: Any, work: bool = False, timeout: float = 1800) -> dict[
 
 def converted_cache_exists(settings: Any) -> bool | None:
     """Whether the GGUF's converted weights are cached; None when the model is not a GGUF (nothing to convert)."""
-    from worker.engine import gguf_cache_dir
+    from worker.engine import converted_cache_path
 
-    path = Path(settings.model).expanduser()
-    if path.suffix != ".gguf" or not path.is_file():
-        return None
-    dtype = "float32" if settings.quantize == "int8" else settings.resolved_dtype()  # as Engine.load() decides
-    return (gguf_cache_dir(path, settings.cache_dir.expanduser(), dtype) / "config.json").is_file()
+    cached = converted_cache_path(settings)
+    return None if cached is None else (cached / "config.json").is_file()

@@ -1,0 +1,166 @@
+"""Weight-only quantised layers (ALLINONE_QUANTIZE int8 / int4) and batched replies, on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.engine import Engine
+from worker.engine.quant import Int4Linear, Int8Linear, quantize_model
+from worker.settings import Settings
+from worker.testing import build_tiny_model, smollm2_path
+
+TEXTS = [
+    "ok",
+    "服务很好",
+    "The hotel was great, the staff friendly and the room clean.",
+    "房间太小，隔音很差，不推荐。" * 4,
+    "Terrible service, the room was dirty and noisy. Never again. " * 6,
+]
+REPLY_ITEMS = [
+    ([], "hello there"),
+    ([("你好", "你好！")], "酒店位置很好，服务热情，房间干净"),
+    ([], "The plot is thin and the jokes fall flat, two hours I will never get back."),
+    ([], "ok"),
+]
+
+
+@pytest.fixture(scope="module")
+def lively_model_dir(tmp_path_factory):
+    # At the default init the tiny model's greedy reply repeats one token; wider weights make every token count.
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-lively"), init_std=0.3)
+
+
+def engine_for(model_dir, tmp_path, **kw) -> Engine:
+    s = dict(model=str(model_dir), dtype="float32", threads=1, do_sample=False, max_new_tokens=12, cache_dir=tmp_path)
+    engine = Engine(Settings(**{**s, **kw}))
+    engine.load()
+    return engine
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_a_quantised_layer_computes_its_dequantised_weights_linear(cls):
+    # Given a Linear's weights quantised
+    torch.manual_seed(0)
+    w, b, x = torch.randn(48, 128), torch.randn(48), torch.randn(2, 3, 128)
+    q = cls.from_weight(w, b, torch.float32)
+    # Then it is linear-like, and computes x @ W'.T + b for its own dequantised W' (the rows it reports)
+    assert (q.in_features, q.out_features) == (128, 48)
+    w_hat = q.weight_rows(list(range(48)))
+    torch.testing.assert_close(q(x), x @ w_hat.T + b, atol=1e-3, rtol=1e-4)
+    # and W' is W rounded: at most half a step off (int8: 1/254 of the row's largest weight; int4: 1/30 of the
+    # group's range)
+    step = w.abs().amax(1, keepdim=True) / 127 if cls is Int8Linear else (w.amax(1) - w.amin(1))[:, None] / 15
+    assert bool(((w_hat - w).abs() <= step / 2 + 1e-5).all())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_each_quantised_mode_loads_classifies_and_replies(tiny_model_dir, tmp_path, mode):
+    # Given the tiny model loaded in float32 and in a quantised mode
+    ref = engine_for(tiny_model_dir, tmp_path, quantize="none")
+    engine = engine_for(tiny_model_dir, tmp_path, quantize=mode)
+    # Then every Linear (the tied LM head too) is quantised and the embedding lookup stays float
+    assert engine.report is not None and engine.report.quantize == mode
+    assert not any(isinstance(m, torch.nn.Linear) for m in engine.model.modules())
+    assert engine.model.get_input_embeddings().weight.dtype == torch.float32
+    assert engine.report.weights_bytes < ref.report.weights_bytes
+    # and it classifies: P(positive) close to float32's. Bound: each weight moves by at most half a quantisation
+    # step (int8 0.4 % of a row's largest weight, int4 3 % of a group's range); through two layers and the label
+    # rows that moves these logits by a few 1e-3 (int8) and 1e-2 (int4); P moves by at most a quarter of the
+    # logit gap's change. Measured: 4e-4 and 3e-3; the bounds leave room for other seeds, not for a broken layer
+    # (a wrong scale or group layout moves P by tenths).
+    p = engine.score(TEXTS).p_positive
+    torch.testing.assert_close(p, ref.score(TEXTS).p_positive, atol=0.01 if mode == "int8" else 0.05, rtol=0)
+    assert [s.label for s in engine.classify(TEXTS)] == [s.label for s in engine.sentiments(engine.score(TEXTS))]
+    # Weights only: the activations are not rescaled per pass, so the cached, batched path equals the plain pass
+    plain = torch.cat([engine.score_plain(t).p_positive for t in TEXTS])
+    torch.testing.assert_close(p, plain, atol=1e-4, rtol=1e-4)
+    # and it replies
+    reply = engine.reply([], "hello")
+    assert reply.new_tokens == 12 or (reply.new_tokens and not reply.timed_out)
+
+
+def test_auto_is_int8_unless_a_dtype_is_named():
+    assert Settings().resolved_quantize() == "int8"
+    assert Settings(dtype="float32").resolved_quantize() == "none"
+    assert Settings(dtype="float32", quantize="int4").resolved_quantize() == "int4"
+
+
+def test_quantize_model_swaps_every_linear_for_a_linear_like_module():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    x = torch.randn(4, 64)
+    before = model(x)
+    assert quantize_model(model, "int4", torch.float32) == 2
+    # the 5-row layer cannot be packed in int4 (the kernel wants rows by 16): it falls back to int8
+    assert isinstance(model[0], Int4Linear) and isinstance(model[2], Int8Linear)
+    assert model(x).shape == before.shape
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_batched_greedy_replies_equal_single_replies(lively_model_dir, tmp_path, mode):
+    # Given prompts of different lengths (left-padded into one batch)
+    engine = engine_for(lively_model_dir, tmp_path, quantize=mode)
+    r = engine.replier
+    prompts = [r.prompt_ids(h, t, engine.settings)[0] for h, t in REPLY_ITEMS]
+    single = [r.generate(p, engine.settings).tolist() for p in prompts]
+    # (under int4 one row meets the stop token after two tokens: a row ending early, for free)
+    assert len({tuple(s) for s in single}) == len(single) and sum(len(set(s)) > 3 for s in single) >= 3
+    assert len(single[0]) >= 5
+    # When they are decoded together, Then each row is its own single reply, token for token
+    assert [b.tolist() for b in r.generate_batch(prompts, engine.settings)] == single
+    # and a row that meets a stop token ends there while the others go on
+    stop = single[0][4]
+    r.stop_ids = [*r.stop_ids, stop]
+    single = [r.generate(p, engine.settings).tolist() for p in prompts]
+    assert single[0][-1] == stop and len(single[0]) <= 5 and max(len(s) for s in single) == 12
+    assert [b.tolist() for b in r.generate_batch(prompts, engine.settings)] == single
+    # and the engine's reply_batch gives the same texts as reply
+    r.stop_ids = r.stop_ids[:-1]
+    assert [x.text for x in engine.reply_batch(REPLY_ITEMS)] == [engine.reply(h, t).text for h, t in REPLY_ITEMS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_gguf_loads_straight_into_quantised_layers_and_from_its_cache(tmp_path, mode):
+    gguf = smollm2_path()
+    if gguf is None:
+        pytest.skip("SmolLM2 GGUF not available")
+    ref = Engine(Settings(model=str(gguf), dtype="float32", quantize="none", threads=2, cache_dir=tmp_path))
+    ref.load()
+    cold = Engine(Settings(model=str(gguf), dtype="float32", quantize=mode, threads=2, cache_dir=tmp_path))
+    assert cold.load().from_cache is False
+    warm = Engine(Settings(model=str(gguf), dtype="float32", quantize=mode, threads=2, cache_dir=tmp_path))
+    assert warm.load().from_cache is True
+    p_ref, p_cold, p_warm = (e.score(TEXTS).p_positive for e in (ref, cold, warm))
+    torch.testing.assert_close(p_cold, p_warm, atol=0, rtol=0)
+    # A real model's P(positive) moves by a few hundredths under int8 weights (0.033 at most on these texts, with
+    # SmolLM2), more under int4; a broken layer (wrong scales, a wrong q/k permutation) moves it by tenths.
+    torch.testing.assert_close(p_cold, p_ref, atol=0.06 if mode == "int8" else 0.15, rtol=0)
+    assert cold.identity == ref.identity
+
+
+def test_reply_log_likelihood_is_a_mean_over_reply_tokens_and_moves_little_under_int8(tiny_model_dir, tmp_path):
+    from worker.tools.reply_likelihood import reply_log_likelihood
+
+    pairs = (("hello", "hello there"), ("服务很好", "谢谢"))
+    ref = reply_log_likelihood(engine_for(tiny_model_dir, tmp_path, quantize="none"), pairs)
+    q8 = reply_log_likelihood(engine_for(tiny_model_dir, tmp_path, quantize="int8"), pairs)
+    assert len(ref["per_reply"]) == 2 and ref["mean_log_likelihood_per_token"] < 0
+    assert abs(ref["perplexity"] - 2.718281828 ** -ref["mean_log_likelihood_per_token"]) < 1e-3 * ref["perplexity"]
+    assert abs(q8["mean_log_likelihood_per_token"] - ref["mean_log_likelihood_per_token"]) < 0.01
+
+
+def test_the_quantised_cache_is_read_back_equal_and_aligned(tmp_path):
+    from safetensors.torch import save_file
+
+    from worker.engine.gguf import read_aligned
+
+    # Given tensors of odd byte sizes, so that in the file most of them start off a 64-byte boundary
+    state = {"a": torch.arange(3, dtype=torch.int8), "b": torch.randn(5, 7).to(torch.bfloat16),
+             "c": torch.randint(0, 255, (33,), dtype=torch.uint8), "d": torch.randn(4, 4)}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    # When read back, Then every tensor is equal and in torch's own aligned memory (the int8 kernel needs it)
+    back = read_aligned(tmp_path / "w.safetensors")
+    assert back.keys() == state.keys()
+    for k, t in state.items():
+        assert torch.equal(back[k], t) and back[k].dtype == t.dtype and back[k].data_ptr() % 64 == 0

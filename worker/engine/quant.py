@@ -1,0 +1,151 @@
+"""Weight-only quantised linear layers on torch's own CPU kernels (``ALLINONE_QUANTIZE`` int8 / int4).
+
+Decoding one token reads every weight once, so its speed is set by the bytes of the weights: int8 weights read a
+quarter of float32's, 4-bit an eighth. Only the weights are quantised; activations stay in the model's float dtype
+(bf16 where the CPU computes it natively, else float32), so a message's scores do not depend on what else is in its
+batch or its prompt (dynamic int8 scaled activations per forward pass, which made cached and plain scores differ).
+
+- :class:`Int8Linear`: one scale per output channel, ``aten._weight_int8pack_mm``.
+- :class:`Int4Linear`: a scale and an offset per group of input channels, ``aten._weight_int4pack_mm_for_cpu``.
+
+Both take ``x`` [..., in_features] and return [..., out_features] and carry ``in_features``/``out_features``, like
+a Linear, so anything that wraps a linear layer wraps them. Their tensors are buffers: ``state_dict()`` holds them
+and ``load_state_dict(assign=True)`` fills them (the converted-weights cache, :mod:`worker.engine.gguf`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("int8", "int4")
+# Input channels per int4 scale: smaller groups follow the weights more closely, larger ones read fewer scales.
+INT4_GROUP = 32
+
+
+class Int8Linear(torch.nn.Module):
+    """``x @ (q * scale).T + bias`` with ``q`` int8 [out, in] and one ``scale`` per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Int8Linear:
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        m = cls(w.shape[1], w.shape[0], bias is not None, dtype)
+        m.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        m.scales = scale.to(dtype)
+        m.bias = None if bias is None else bias.detach().to(dtype).clone()
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scales.dtype).contiguous(),
+                                               self.qweight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def weight_rows(self, rows: list[int]) -> torch.Tensor:
+        """Rows of the dequantised weight, in float32 (the sentiment label rows of an LM head)."""
+        return self.qweight[rows].float() * self.scales[rows].float()[:, None]
+
+
+class Int4Linear(torch.nn.Module):
+    """4-bit weights in groups of ``group`` input channels, each group with its own scale and offset
+    (asymmetric: ``w = q * scale + min``, q in 0..15), packed once into the layout of torch's CPU kernel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group: int = INT4_GROUP,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_zeros",
+                             torch.empty(in_features // group, out_features, 2, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                    group: int = INT4_GROUP) -> Int4Linear:
+        w = weight.detach().float()
+        n, k = w.shape
+        wg = w.reshape(n, k // group, group)
+        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+        m = cls(k, n, bias is not None, dtype, group)
+        m.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        # The kernel computes (q - 8) * scale + zero: our offset is the group's minimum, so zero = min + 8 scale.
+        m.scales_zeros = torch.stack([scale.T, (lo + 8 * scale).T], dim=-1).to(dtype).contiguous()
+        m.bias = None if bias is None else bias.detach().to(dtype).clone()
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        dt = self.scales_zeros.dtype
+        # The kernel refuses a strided view (a batch's attention output reaches o_proj as one).
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(dt).contiguous(), self.qweight,
+                                                      self.group, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def weight_rows(self, rows: list[int]) -> torch.Tensor:
+        """Rows of the dequantised weight, in float32: the layer applied to the identity, then the rows kept."""
+        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
+        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group, self.scales_zeros)  # [in, out]
+        return w[:, rows].T.float()
+
+
+def int4_group(in_features: int, out_features: int) -> int | None:
+    """The int4 group size for a layer's shape, or None when the kernel cannot take it (then it stays int8)."""
+    if out_features % 16:
+        return None
+    for g in sorted({INT4_GROUP, 32}, reverse=True):
+        if in_features % g == 0:
+            return g
+    return None
+
+
+def quantized(mode: str, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.nn.Module:
+    """A quantised layer computing ``weight``'s Linear: ``mode`` int8 or int4 (int8 where int4 cannot be packed)."""
+    n, k = weight.shape
+    group = int4_group(k, n) if mode == "int4" else None
+    if group is not None:
+        return Int4Linear.from_weight(weight, bias, dtype, group)
+    return Int8Linear.from_weight(weight, bias, dtype)
+
+
+def empty_quantized(mode: str, linear: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """An unfilled quantised layer of ``linear``'s shape on the meta device (filled by ``load_state_dict``)."""
+    k, n, has_bias = linear.in_features, linear.out_features, linear.bias is not None
+    group = int4_group(k, n) if mode == "int4" else None
+    if group is not None:
+        return Int4Linear(k, n, has_bias, dtype, group, device="meta")
+    return Int8Linear(k, n, has_bias, dtype, device="meta")
+
+
+def linear_names(model: torch.nn.Module) -> list[str]:
+    """Every nn.Linear of ``model`` by qualified name: the layers quantisation replaces (LM head included)."""
+    return [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+
+
+def replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: torch.nn.Module, mode: str, dtype: torch.dtype) -> int:
+    """Swap every Linear of ``model`` for its quantised form, in place; returns how many.
+
+    A head tied to the input embedding gets its own quantised copy; the embedding lookup keeps its float rows."""
+    names = linear_names(model)
+    for name in names:
+        lin = model.get_submodule(name)
+        replace(model, name, quantized(mode, lin.weight, lin.bias, dtype))
+    return len(names)
