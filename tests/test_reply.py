@@ -84,6 +84,20 @@ def test_text_deltas_never_split_a_character(tiny_engine):
         assert all("\ufffd" not in p for p in pieces)
 
 
+def test_a_reply_cut_by_its_bound_inside_a_character_drops_the_half_character(tiny_engine):
+    import torch
+
+    tok = tiny_engine.tokenizer
+    ids = tok("好的服务", add_special_tokens=False)["input_ids"]
+    cut = next(n for n in range(1, len(ids)) if "\ufffd" in tok.decode(ids[:n]))  # ends inside a character
+    replier = tiny_engine._replier
+    prompt = torch.tensor([[1, 2, 3]])
+    reply = replier._result(torch.tensor(ids[:cut]), prompt, 0, 0.1, tiny_engine.settings, None)
+    assert "\ufffd" not in reply.text and tok.decode(ids[:cut]).startswith(reply.text)
+    whole = replier._result(torch.tensor(ids), prompt, 0, 0.1, tiny_engine.settings, None)
+    assert whole.text == "好的服务"
+
+
 def test_generate_hands_each_new_token_to_on_token_in_order(tiny_engine):
     ids, _ = tiny_engine.reply_prompt_ids([], "hello")
     seen: list[int] = []

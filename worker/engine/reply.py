@@ -219,8 +219,13 @@ class Replier:
                 first_token_at: float | None) -> Reply:
         stopped = len(new) > 0 and int(new[-1]) in self.stop_ids
         timed_out = (not stopped) and len(new) < settings.max_new_tokens and seconds >= settings.reply_timeout_seconds
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        if not stopped:
+            # Cut by its token or time bound, a reply can end inside a character that spans several tokens (most
+            # Chinese characters do): drop the half character, as the streamed text never showed it.
+            text = text.rstrip("\ufffd")
         return Reply(
-            text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
+            text=text.strip(),
             new_tokens=int(len(new)),
             prompt_tokens=int(ids.shape[1]),
             history_turns=kept,
