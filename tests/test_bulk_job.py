@@ -258,10 +258,10 @@ def test_a_run_reports_its_progress_and_writes_results_in_input_order(tmp_path, 
         assert job.run(bulk.read_jsonl(f, bulk.Fields(), MAX), writer, timeout=10) is True
     writer.close()
     # Then the progress heard of every chunk, the end of enqueuing, the total to expect, and every finished row
-    assert progress.of("enqueued") == [(3, 1), (3, 1), (1, 0)]
-    assert progress.of("enqueue_ended") == [(7,)]
-    assert set(progress.of("total_known")) == {(5,)}
-    assert sum(n for (n,) in progress.of("finished")) == 5
+    assert progress.of("enqueued") == [(3, 1), (3, 1), (1, 0)], progress.calls
+    assert progress.of("enqueue_ended") == [(7,)], progress.calls
+    assert set(progress.of("total_known")) == {(5,)}, progress.calls
+    assert sum(n for (n,) in progress.of("finished")) == 5, progress.calls
     # and the results are the good rows, in input order; the bad ones are in the errors file
     assert [r["id"] for r in read_jsonl(tmp_path / "r.jsonl")] == ["0", "1", "3", "4", "6"]
     assert [e["line"] for e in read_jsonl(config.errors_file)] == [3, 6]
