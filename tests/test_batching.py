@@ -23,6 +23,19 @@ def test_batches_are_cut_where_lengths_jump_and_never_exceed_the_batch_size():
     assert all(0 < b - a <= 16 for a, b in plan)
 
 
+def test_a_token_budget_bounds_each_batch_but_never_refuses_a_long_message():
+    lengths = sorted((i * 37) % 120 + 5 for i in range(200)) + [900, 2000]
+    plan = plan_batches(lengths, 16, max_tokens=256)
+    # every message in exactly one batch; a batch of several holds at most 256 padded positions
+    assert [a for a, _ in plan] == [0] + [b for _, b in plan][:-1] and plan[-1][1] == len(lengths)
+    assert all(b - a == 1 or (b - a) * lengths[b - 1] <= 256 for a, b in plan)
+    # short messages still fill whole batches; the messages over the budget go alone
+    assert plan[0][1] > 8 and plan[-2:] == [(200, 201), (201, 202)]
+    # equal long messages share one batch without a budget and go one by one under a budget below two of them
+    assert plan_batches([300] * 4, 16) == [(0, 4)]
+    assert plan_batches([300] * 4, 16, max_tokens=512) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
 def test_length_batches_group_unsorted_positions_by_length():
     # Given unsorted lengths: four short, four long
     lengths = [100, 10, 101, 11, 100, 12, 101, 10]

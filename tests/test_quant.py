@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from worker.engine import Engine
-from worker.engine.quant import Int4Linear, Int8Linear, quantize_model
+from worker.engine.quant import Int4Linear, Int8Embedding, Int8Linear, quantize_model
 from worker.settings import Settings
 from worker.testing import build_tiny_model, smollm2_path
 
@@ -59,11 +59,16 @@ def test_each_quantised_mode_loads_classifies_and_replies(tiny_model_dir, tmp_pa
     # Given the tiny model loaded in float32 and in a quantised mode
     ref = engine_for(tiny_model_dir, tmp_path, quantize="none")
     engine = engine_for(tiny_model_dir, tmp_path, quantize=mode)
-    # Then every Linear (the tied LM head too) is quantised and the embedding lookup stays float
+    # Then every Linear (the tied LM head too) is quantised, the embedding table is int8 rows (an int8 head's own:
+    # the model is tied; the tiny vocabulary cannot be packed in int4, so its head is int8 in both modes), and the
+    # identity is the float model's
     assert engine.report is not None and engine.report.quantize == mode
-    assert not any(isinstance(m, torch.nn.Linear) for m in engine.model.modules())
-    assert engine.model.get_input_embeddings().weight.dtype == torch.float32
-    assert engine.report.weights_bytes < ref.report.weights_bytes
+    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) for m in engine.model.modules())
+    emb = engine.model.get_input_embeddings()
+    assert isinstance(engine.model.get_output_embeddings(), Int8Linear)
+    assert isinstance(emb, Int8Embedding) and emb.tied_to is engine.model.get_output_embeddings()
+    assert engine.report.weights_bytes < ref.report.weights_bytes / 2
+    assert engine.identity == ref.identity
     # and it classifies: P(positive) close to float32's. Bound: each weight moves by at most half a quantisation
     # step (int8 0.4 % of a row's largest weight, int4 3 % of a group's range); through two layers and the label
     # rows that moves these logits by a few 1e-3 (int8) and 1e-2 (int4); P moves by at most a quarter of the
@@ -78,6 +83,28 @@ def test_each_quantised_mode_loads_classifies_and_replies(tiny_model_dir, tmp_pa
     # and it replies
     reply = engine.reply([], "hello")
     assert reply.new_tokens == 12 or (reply.new_tokens and not reply.timed_out)
+
+
+def test_the_int8_embedding_looks_up_its_rounded_rows_and_a_tied_one_reads_the_head():
+    torch.manual_seed(0)
+    table, ids = torch.randn(40, 16), torch.tensor([[0, 5, 39], [7, 7, 1]])
+    emb = Int8Embedding.from_weight(table, torch.float32)
+    # Each row is within half a step (1/254 of its largest value) of the float row, and the lookup returns them
+    rows = emb.weight_rows(list(range(40)))
+    assert bool(((rows - table).abs() <= table.abs().amax(1, keepdim=True) / 254 + 1e-6).all())
+    torch.testing.assert_close(emb(ids), rows[ids])
+    # A table tied to an int8 head quantised from it reads the same numbers and holds no tensor of its own
+    head = Int8Linear.from_weight(table, None, torch.float32)
+    tied = Int8Embedding.tied(head)
+    assert list(tied.buffers()) == [] and torch.equal(tied(ids), emb(ids))
+
+
+def test_an_int4_layer_reads_back_rows_beyond_one_chunk_of_the_identity():
+    torch.manual_seed(1)
+    w = torch.randn(64, 96)  # 96 input channels: three chunks of the identity
+    q = Int4Linear.from_weight(w, None, torch.float32)
+    x = torch.eye(96)
+    torch.testing.assert_close(q.weight_rows([0, 17, 63]), q(x)[:, [0, 17, 63]].T)
 
 
 def test_auto_is_int8_unless_a_dtype_is_named():
@@ -158,9 +185,35 @@ def test_the_quantised_cache_is_read_back_equal_and_aligned(tmp_path):
     # Given tensors of odd byte sizes, so that in the file most of them start off a 64-byte boundary
     state = {"a": torch.arange(3, dtype=torch.int8), "b": torch.randn(5, 7).to(torch.bfloat16),
              "c": torch.randint(0, 255, (33,), dtype=torch.uint8), "d": torch.randn(4, 4)}
-    save_file(state, str(tmp_path / "w.safetensors"))
+    save_file(state, str(tmp_path / "w.safetensors"), metadata={"fingerprint": "abc"})
     # When read back, Then every tensor is equal and in torch's own aligned memory (the int8 kernel needs it)
-    back = read_aligned(tmp_path / "w.safetensors")
-    assert back.keys() == state.keys()
+    back, metadata = read_aligned(tmp_path / "w.safetensors")
+    assert back.keys() == state.keys() and metadata == {"fingerprint": "abc"}
     for k, t in state.items():
         assert torch.equal(back[k], t) and back[k].dtype == t.dtype and back[k].data_ptr() % 64 == 0
+
+
+def test_large_freed_buffers_leave_the_resident_memory(tmp_path):
+    # Given a process that has set the engine's allocation policy (a fresh one: the policy is process-wide)
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from worker.engine import cpu
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
+if POLICY:
+    cpu.return_freed_memory()
+keep = []
+for i in range(40):  # a forward pass's pattern: a large buffer, freed, with a small survivor allocated after it
+    big = torch.ones(3 << 20)
+    keep.append(big[:4].clone())
+    del big
+print(rss())
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = {p: int(subprocess.run([sys.executable, "-c", code.replace("POLICY", p)], capture_output=True, text=True,
+                                 env=env, check=True).stdout.split()[-1]) for p in ("False", "True")}
+    # Then 40 freed 12 MiB buffers stay resident without it and are given back with it
+    assert out["True"] < out["False"] - 100, out

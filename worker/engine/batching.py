@@ -13,8 +13,11 @@ import torch
 BATCH_OVERHEAD_TOKENS = 32
 
 
-def plan_batches(lengths: list[int], max_batch: int, overhead: int = BATCH_OVERHEAD_TOKENS) -> list[tuple[int, int]]:
+def plan_batches(lengths: list[int], max_batch: int, overhead: int = BATCH_OVERHEAD_TOKENS,
+                 max_tokens: int | None = None) -> list[tuple[int, int]]:
     """Cut a list of token lengths, sorted ascending, into batches of at most ``max_batch``: ``[(start, end)]``.
+    ``max_tokens``: at most this many padded positions (``size x longest``) a batch, a lone message excepted: a
+    batch's activations grow with its positions, so long messages go in smaller batches.
 
     A batch computes ``size x longest`` token positions (padding included). The cuts minimise the sum of that over
     the batches plus ``overhead`` per batch (dynamic programming, O(n x max_batch)): a batch whose lengths jump
@@ -26,6 +29,8 @@ def plan_batches(lengths: list[int], max_batch: int, overhead: int = BATCH_OVERH
     for j in range(1, n + 1):
         best[j] = 2**62
         for i in range(max(0, j - max_batch), j):
+            if max_tokens is not None and j - i > 1 and (j - i) * lengths[j - 1] > max_tokens:
+                continue
             cost = best[i] + (j - i) * lengths[j - 1] + overhead
             if cost < best[j]:
                 best[j], cut[j] = cost, i
@@ -36,10 +41,11 @@ def plan_batches(lengths: list[int], max_batch: int, overhead: int = BATCH_OVERH
     return out[::-1]
 
 
-def length_batches(lengths: list[int], max_batch: int) -> list[list[int]]:
+def length_batches(lengths: list[int], max_batch: int, max_tokens: int | None = None) -> list[list[int]]:
     """The positions of ``lengths`` grouped into batches: sorted by length, cut by :func:`plan_batches`."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[start:end] for start, end in plan_batches([lengths[i] for i in order], max_batch)]
+    plan = plan_batches([lengths[i] for i in order], max_batch, max_tokens=max_tokens)
+    return [order[start:end] for start, end in plan]
 
 
 def right_pad(seqs: list[list[int]], pad_id: int, prefix_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,12 +62,13 @@ class Engine:
         s = self.settings
         dtype = loading.load_dtype(s)
         cpu.set_threads(s.threads)
+        cpu.return_freed_memory()
         log.info("loading model %s (dtype %s, %d threads, quantize %s)", s.model, dtype, s.threads,
                  s.resolved_quantize())
         t0 = time.perf_counter()
         loaded = loading.load_weights(s, dtype)
         self.tokenizer = loaded.tokenizer
-        self._identity = identify(s.model, loaded.model)
+        self._identity = identify(s.model, loaded.model, loaded.fingerprint)
         self.model = cpu.tune(loaded.model, s, dtype)
         loaded.model = None
         if s.sentiment_adapter is not None:
@@ -203,6 +204,7 @@ class Engine:
             batch_size=batch_size or self.settings.sentiment_batch_size,
             max_tokens=self.settings.sentiment_max_tokens,
             layers=self.feature_layers if layers is None else tuple(layers),
+            batch_tokens=self.settings.sentiment_batch_tokens,
         )
 
     def score_plain(self, text: str) -> Scores:

@@ -1,10 +1,12 @@
 """A GGUF loaded straight into quantised linear layers, tensor by tensor, and cached in that form.
 
-The model is built on the ``meta`` device from the GGUF's config (no memory), its Linear layers replaced by empty
-quantised ones (:mod:`worker.engine.quant`); then each GGUF tensor is dequantised alone, quantised at once if it is
-a linear layer's weight (else cast to the activation dtype), and dropped: at no point does a float copy of the whole
-model exist. The result goes into ``ALLINONE_CACHE_DIR`` as one safetensors file of the quantised state, beside the
-config and the tokenizer, so every later start only maps that file in (seconds).
+The model is built on the ``meta`` device from the GGUF's config (no memory), its Linear layers and its token
+embedding replaced by empty quantised ones (:mod:`worker.engine.quant`); then each GGUF tensor is dequantised alone,
+quantised at once if it is a linear layer's weight or the embedding table (else cast to the activation dtype), and
+dropped: at no point does a float copy of the whole model exist. The result goes into ``ALLINONE_CACHE_DIR`` as one
+safetensors file of the quantised state, beside the config and the tokenizer, so every later start only reads that
+file (seconds). The model's identity fingerprint (:mod:`worker.engine.identity`) is taken from the float embedding
+rows during the conversion and kept in that file's metadata: it names the model, whatever form its weights run in.
 """
 
 from __future__ import annotations
@@ -23,16 +25,25 @@ from worker.engine import quant
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "quantized.safetensors"
+# The layout of the cached state; part of the cache folder's name, so a cache of another layout is never read.
+FORMAT = 2  # 2: int8 embedding table, fingerprint in the metadata
 
 
 def skeleton(config: Any, mode: str, dtype: torch.dtype) -> Any:
-    """The model on the meta device (no memory) with empty quantised layers in place of its Linears."""
+    """The model on the meta device (no memory) with empty quantised layers in place of its Linears and of its token
+    embedding (which reads the head's rows when the two are tied and the head is int8)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    emb = model.get_input_embeddings()
     for name in quant.linear_names(model):
         quant.replace(model, name, quant.empty_quantized(mode, model.get_submodule(name), dtype))
+    head = model.get_output_embeddings()
+    if isinstance(head, quant.Int8Linear) and getattr(config, "tie_word_embeddings", False):
+        model.set_input_embeddings(quant.Int8Embedding.tied(head))
+    else:
+        model.set_input_embeddings(quant.Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype, device="meta"))
     return model
 
 
@@ -76,44 +87,53 @@ def gguf_tensors(gguf: Path, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
             yield names[res.name], torch.from_numpy(np.require(res.weights, np.float32, ["C", "W"]))
 
 
-def convert(gguf: Path, mode: str, dtype: torch.dtype) -> tuple[Any, Any, dict[str, torch.Tensor]]:
-    """Tokenizer, config and the quantised state of a GGUF, without a float copy of the whole model."""
+def convert(gguf: Path, mode: str, dtype: torch.dtype) -> tuple[Any, Any, dict[str, torch.Tensor], str]:
+    """Tokenizer, model, its quantised state and the weights fingerprint of a GGUF, without a float copy of the
+    whole model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from worker.engine.identity import fingerprint
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = skeleton(config, mode, dtype)
     linears = set(quant.linear_names(plain))
     state: dict[str, torch.Tensor] = {}
-    embedding_name = next(n for n, p in plain.named_parameters() if p is plain.get_input_embeddings().weight)
+    embedding_param = next(n for n, p in plain.named_parameters() if p is plain.get_input_embeddings().weight)
+    emb_module = quant.embedding_name(model)
     embedding: torch.Tensor | None = None
     for name, t in gguf_tensors(gguf, plain):
         layer, _, kind = name.rpartition(".")
         if kind == "weight" and layer in linears:
             q = quant.quantized(mode, t, None, dtype)
             state.update({f"{layer}.{k}": v for k, v in q.state_dict().items() if k != "bias"})
+        elif name == embedding_param:
+            embedding = t  # float32: a tied head's own quantised copy, and the fingerprint
+            if model.get_input_embeddings().tied_to is None:
+                e = quant.Int8Embedding.from_weight(t, dtype)
+                state.update({f"{emb_module}.{k}": v for k, v in e.state_dict().items()})
         else:
             state[name] = t.to(dtype)
-            if name == embedding_name:
-                embedding = t  # float32, for a tied head's own quantised copy
+    if embedding is None:
+        raise RuntimeError("the GGUF has no token embedding")
     out = plain.get_output_embeddings()
     head = next((n for n in linears if plain.get_submodule(n) is out), None)
     if head is not None and f"{head}.qweight" not in state:
-        if embedding is None:
-            raise RuntimeError("the GGUF has neither an output head nor the token embedding it is tied to")
         q = quant.quantized(mode, embedding, None, dtype)
         state.update({f"{head}.{k}": v for k, v in q.state_dict().items() if k != "bias"})
-    del embedding, plain
-    return tokenizer, config, state
+    del plain
+    materialize(model, state)
+    return tokenizer, model, state, fingerprint(model, embedding=embedding)
 
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8,
                       "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
 
 
-def read_aligned(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file read tensor by tensor into torch's own (aligned) memory.
+def read_aligned(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file read tensor by tensor into torch's own (aligned) memory, and its metadata.
 
     Not memory-mapped: a tensor in a safetensors file starts wherever the previous one ended, and torch's packed
     int8/int4 kernels load their weights with aligned vector loads (a mapped weight crashed them); a plain read
@@ -124,7 +144,7 @@ def read_aligned(path: Path) -> dict[str, torch.Tensor]:
     with path.open("rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None) or {}
         for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = meta["data_offsets"]
             t = torch.empty(meta["shape"], dtype=SAFETENSORS_DTYPES[meta["dtype"]])
@@ -132,33 +152,34 @@ def read_aligned(path: Path) -> dict[str, torch.Tensor]:
             if end > start and f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - start:
                 raise OSError(f"{path}: truncated at {name}")
             out[name] = t
-    return out
+    return out, metadata
 
 
-def load(gguf: Path, cached: Path, mode: str, dtype: torch.dtype) -> tuple[Any, Any, bool]:
+def load(gguf: Path, cached: Path, mode: str, dtype: torch.dtype) -> tuple[Any, Any, bool, str]:
     """Tokenizer and quantised model of ``gguf``: from ``cached`` when it is complete, else converted and saved
-    there (atomically: a worker killed mid-save leaves a .tmp folder, never a half cache). Third: from the cache."""
+    there (atomically: a worker killed mid-save leaves a .tmp folder, never a half cache). Third: from the cache;
+    fourth: the weights fingerprint, taken from the float weights at conversion."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
     if (cached / "config.json").is_file():
         config = AutoConfig.from_pretrained(str(cached))
         model = skeleton(config, mode, dtype)
-        materialize(model, read_aligned(cached / WEIGHTS_FILE))
-        return AutoTokenizer.from_pretrained(str(cached)), model, True
+        state, metadata = read_aligned(cached / WEIGHTS_FILE)
+        materialize(model, state)
+        return AutoTokenizer.from_pretrained(str(cached)), model, True, metadata["fingerprint"]
     log.info("converting %s once (%s weights); next start loads %s", gguf.name, mode, cached)
-    tokenizer, config, state = convert(gguf, mode, dtype)
-    model = skeleton(config, mode, dtype)
-    materialize(model, state)
+    tokenizer, model, state, fp = convert(gguf, mode, dtype)
     tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"fingerprint": fp, "format": str(FORMAT)})
         tokenizer.save_pretrained(tmp)
-        config.save_pretrained(tmp)  # config.json last: its presence marks a complete cache
+        model.config.save_pretrained(tmp)  # config.json last: its presence marks a complete cache
         os.replace(tmp, cached)
     except OSError as e:
         log.warning("could not cache converted weights in %s (%s); the next start converts again", cached, e)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return tokenizer, model, False
+    return tokenizer, model, False, fp

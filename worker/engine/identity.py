@@ -36,14 +36,16 @@ class ModelIdentity:
         return f"{self.name} [{self.fingerprint}]"
 
 
-def identify(model_setting: str, model: Any) -> ModelIdentity:
-    """The identity of ``model``, loaded from ``model_setting`` (``ALLINONE_MODEL``)."""
-    return ModelIdentity(name=model_name(model_setting), fingerprint=fingerprint(model))
+def identify(model_setting: str, model: Any, known_fingerprint: str | None = None) -> ModelIdentity:
+    """The identity of ``model``, loaded from ``model_setting`` (``ALLINONE_MODEL``); ``known_fingerprint``: the one
+    taken from the float weights before they were quantised (a converted GGUF's cache keeps it)."""
+    return ModelIdentity(name=model_name(model_setting), fingerprint=known_fingerprint or fingerprint(model))
 
 
-def fingerprint(model: Any) -> str:
-    """A digest of the loaded weights that does not depend on where they were stored or on float32 vs bfloat16."""
-    emb = model.get_input_embeddings().weight
+def fingerprint(model: Any, embedding: torch.Tensor | None = None) -> str:
+    """A digest of the loaded weights that does not depend on where they were stored or on float32 vs bfloat16.
+    ``embedding``: the float embedding table, when the model's own holds quantised rows."""
+    emb = embedding if embedding is not None else model.get_input_embeddings().weight
     vocab, width = emb.shape
     cfg = model.config
     shape = [int(vocab), int(width)] + [

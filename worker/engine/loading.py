@@ -54,6 +54,7 @@ class Loaded:
     model: Any
     source: str  # where the weights were read from: the hub id, the folder, or the GGUF file
     from_cache: bool  # read from the converted-weights cache of a GGUF
+    fingerprint: str | None = None  # the weights fingerprint, when the loaded weights no longer show it (quantised)
 
 
 def load_dtype(settings: Settings) -> str:
@@ -68,7 +69,9 @@ def cache_key(settings: Settings) -> str:
     dtype, mode = load_dtype(settings), settings.resolved_quantize()
     if mode == "none":
         return dtype
-    return f"{mode}-{dtype}-torch{torch.__version__.split('+')[0]}"
+    from worker.engine.gguf import FORMAT
+
+    return f"{mode}-{dtype}-torch{torch.__version__.split('+')[0]}-v{FORMAT}"
 
 
 def gguf_cache_dir(gguf: Path, cache_root: Path, dtype: str) -> Path:
@@ -134,8 +137,8 @@ def _load_gguf(gguf: Path, settings: Settings, dtype: str) -> Loaded:
     if mode != "none":
         from worker.engine import gguf as gguf_loader
 
-        tokenizer, model, hit = gguf_loader.load(gguf, cached, mode, DTYPES[dtype])
-        return Loaded(tokenizer, model, source=str(cached if hit else gguf), from_cache=hit)
+        tokenizer, model, hit, fp = gguf_loader.load(gguf, cached, mode, DTYPES[dtype])
+        return Loaded(tokenizer, model, source=str(cached if hit else gguf), from_cache=hit, fingerprint=fp)
     if (cached / "config.json").is_file():
         return Loaded(*_load_pretrained(str(cached), settings, dtype), source=str(cached), from_cache=True)
     log.info("converting %s once (dequantise to %s); next start loads %s", gguf.name, dtype, cached)

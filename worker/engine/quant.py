@@ -7,6 +7,9 @@ batch or its prompt (dynamic int8 scaled activations per forward pass, which mad
 
 - :class:`Int8Linear`: one scale per output channel, ``aten._weight_int8pack_mm``.
 - :class:`Int4Linear`: a scale and an offset per group of input channels, ``aten._weight_int4pack_mm_for_cpu``.
+- :class:`Int8Embedding`: the token-embedding table in int8 rows with one scale each (the table is 136 M of a
+  0.5B model's parameters; in bf16 it alone was 272 MiB). A table tied to an int8 LM head reads the head's own
+  rows: the same numbers, kept once.
 
 Both take ``x`` [..., in_features] and return [..., out_features] and carry ``in_features``/``out_features``, like
 a Linear, so anything that wraps a linear layer wraps them. Their tensors are buffers: ``state_dict()`` holds them
@@ -20,6 +23,8 @@ import torch
 MODES = ("int8", "int4")
 # Input channels per int4 scale: smaller groups follow the weights more closely, larger ones read fewer scales.
 INT4_GROUP = 32
+# Identity rows per kernel call when reading an int4 layer's weights back (a few MiB of output per call).
+WEIGHT_ROWS_CHUNK = 32
 
 
 class Int8Linear(torch.nn.Module):
@@ -96,10 +101,58 @@ class Int4Linear(torch.nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def weight_rows(self, rows: list[int]) -> torch.Tensor:
-        """Rows of the dequantised weight, in float32: the layer applied to the identity, then the rows kept."""
-        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
-        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group, self.scales_zeros)  # [in, out]
-        return w[:, rows].T.float()
+        """Rows of the dequantised weight, in float32: the layer applied to the identity, then the rows kept.
+
+        The packed layout is the kernel's own, so the rows are read through the kernel, a slice of the identity at a
+        time: the whole dequantised LM head at once was a 272 MiB transient at every load."""
+        dt, out = self.scales_zeros.dtype, []
+        for start in range(0, self.in_features, WEIGHT_ROWS_CHUNK):
+            eye = torch.eye(self.in_features, dtype=dt)[start:start + WEIGHT_ROWS_CHUNK]
+            w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group, self.scales_zeros)
+            out.append(w[:, rows].float())  # [chunk, len(rows)]
+        return torch.cat(out).T.contiguous()
+
+
+class Int8Embedding(torch.nn.Module):
+    """A token-embedding lookup from int8 rows, each with its own scale (``row = q * scale``).
+
+    ``tied_to``: an :class:`Int8Linear` LM head quantised from the same table (a tied model in int8): the lookup
+    reads the head's rows and holds no tensor of its own."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None, tied_to: Int8Linear | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        # A plain attribute, not a submodule: the head is the model's own and must not be listed twice.
+        self.__dict__["tied_to"] = tied_to
+        if tied_to is None:
+            self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8,
+                                                        device=device))
+            self.register_buffer("scales", torch.empty(num_embeddings, dtype=dtype, device=device))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int8Embedding:
+        q = Int8Linear.from_weight(weight, None, dtype)  # one scale per row: the same rounding as an int8 head
+        m = cls(q.out_features, q.in_features, dtype)
+        m.qweight, m.scales = q.qweight, q.scales
+        return m
+
+    @classmethod
+    def tied(cls, head: Int8Linear) -> Int8Embedding:
+        return cls(head.out_features, head.in_features, head.scales.dtype, tied_to=head)
+
+    def _table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        src = self.tied_to if self.tied_to is not None else self
+        return src.qweight, src.scales
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q, scales = self._table()
+        return torch.nn.functional.embedding(ids, q).to(self.dtype) * scales[ids].unsqueeze(-1)
+
+    def weight_rows(self, rows: list[int]) -> torch.Tensor:
+        """Rows of the dequantised table, in float32."""
+        q, scales = self._table()
+        return q[rows].float() * scales[rows].float()[:, None]
 
 
 def int4_group(in_features: int, out_features: int) -> int | None:
@@ -141,11 +194,24 @@ def replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
 
 
 def quantize_model(model: torch.nn.Module, mode: str, dtype: torch.dtype) -> int:
-    """Swap every Linear of ``model`` for its quantised form, in place; returns how many.
+    """Swap every Linear of ``model`` for its quantised form, and its token embedding for an
+    :class:`Int8Embedding`, in place; returns how many Linears.
 
-    A head tied to the input embedding gets its own quantised copy; the embedding lookup keeps its float rows."""
+    A head tied to the embedding gets its own quantised form; in int8 the embedding then reads the head's rows."""
     names = linear_names(model)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_weight = getattr(emb, "weight", None)
     for name in names:
         lin = model.get_submodule(name)
         replace(model, name, quantized(mode, lin.weight, lin.bias, dtype))
+    if isinstance(emb, torch.nn.Embedding) and emb_weight is not None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        tied = isinstance(head, Int8Linear) and getattr(model.config, "tie_word_embeddings", False)
+        model.set_input_embeddings(Int8Embedding.tied(head) if tied else Int8Embedding.from_weight(emb_weight, dtype))
     return len(names)
+
+
+def embedding_name(model: torch.nn.Module) -> str:
+    """The qualified name of ``model``'s token-embedding module."""
+    emb = model.get_input_embeddings()
+    return next(n for n, m in model.named_modules() if m is emb)

@@ -130,11 +130,13 @@ class SentimentPipeline:
         ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return ids[:max_tokens] + self.suffix_ids
 
-    def preprocess(self, texts: list[str], batch_size: int, max_tokens: int) -> list[Batch]:
-        """Messages as batches: sorted by length so padding stays small, cut where lengths jump."""
+    def preprocess(self, texts: list[str], batch_size: int, max_tokens: int,
+                   batch_tokens: int | None = None) -> list[Batch]:
+        """Messages as batches: sorted by length so padding stays small, cut where lengths jump, and at most
+        ``batch_tokens`` padded message tokens a batch (a lone message excepted)."""
         encoded = [self.message_ids(t, max_tokens) for t in texts]
         return [self.batch([encoded[i] for i in rows], rows)
-                for rows in length_batches([len(e) for e in encoded], batch_size)]
+                for rows in length_batches([len(e) for e in encoded], batch_size, batch_tokens)]
 
     def batch(self, seqs: list[list[int]], rows: list[int]) -> Batch:
         ids, mask = right_pad(seqs, self.tokenizer.pad_token_id or 0, prefix_len=len(self.prefix_ids))
@@ -193,7 +195,8 @@ class SentimentPipeline:
         return [Sentiment.from_p_positive(p, method) for p in p_pos.tolist()]
 
     # ------------------------------------------------------------------------------------------- the stages
-    def score(self, texts: list[str], batch_size: int, max_tokens: int, layers: tuple[int, ...] = ()) -> Scores:
+    def score(self, texts: list[str], batch_size: int, max_tokens: int, layers: tuple[int, ...] = (),
+              batch_tokens: int | None = None) -> Scores:
         """Label logits and hidden states of many messages, batched, on the cached prefix, in ``texts`` order."""
         for n in layers:
             if not 1 <= n <= self.num_layers:
@@ -201,7 +204,7 @@ class SentimentPipeline:
         logits = torch.empty(len(texts), 2)
         hidden = torch.empty(len(texts), self.hidden_size)
         inner = {n: torch.empty(len(texts), self.hidden_size) for n in layers}
-        for batch in self.preprocess(texts, batch_size, max_tokens):
+        for batch in self.preprocess(texts, batch_size, max_tokens, batch_tokens):
             hd, states = self.forward(batch, layers)
             logits[batch.rows] = self.postprocess(hd)
             hidden[batch.rows] = hd
