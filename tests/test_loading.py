@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from worker.engine import converted_cache_path, gguf_cache_dir, load_dtype
 from worker.settings import Settings
 
@@ -36,3 +38,16 @@ def test_converted_cache_path_is_the_folder_load_fills_and_none_without_a_gguf(t
     assert converted_cache_path(Settings(model=str(tiny_model_dir))) is None
     assert converted_cache_path(Settings(model="Qwen/Qwen1.5-0.5B-Chat")) is None
     assert converted_cache_path(Settings(model=str(tmp_path / "missing.gguf"))) is None
+
+
+def test_an_int4_cache_is_never_shared_between_cpus_that_pack_it_differently(monkeypatch):
+    # torch packs 4-bit weights in blocks of 64 rows under AVX-512 and of 32 under AVX2: a cache is per capability
+    from worker.engine.loading import cache_key
+
+    keys = {}
+    for cap in ("AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda cap=cap: cap)
+        keys[cap] = {m: cache_key(Settings(quantize=m, dtype="float32")) for m in ("int4", "int8", "none")}
+    assert keys["AVX2"]["int4"] != keys["AVX512"]["int4"]
+    # int8 weights are plain rows and plain weights are plain: those caches are shared
+    assert keys["AVX2"]["int8"] == keys["AVX512"]["int8"] and keys["AVX2"]["none"] == keys["AVX512"]["none"]

@@ -65,13 +65,18 @@ def load_dtype(settings: Settings) -> str:
 
 def cache_key(settings: Settings) -> str:
     """What the converted weights of a GGUF depend on beyond the file: the dtype, and the quantisation mode (whose
-    packed int4 layout is torch's own, so its version too)."""
+    packed int4 layout is torch's own, so its version too, and the CPU's vector width: torch packs 4-bit weights in
+    blocks of 64 rows where its kernels run AVX-512 and of 32 rows on AVX2, so a cache packed on one machine reads
+    as other numbers on the other, silently)."""
     dtype, mode = load_dtype(settings), settings.resolved_quantize()
     if mode == "none":
         return dtype
     from worker.engine.gguf import FORMAT
 
-    return f"{mode}-{dtype}-torch{torch.__version__.split('+')[0]}-v{FORMAT}"
+    key = f"{mode}-{dtype}-torch{torch.__version__.split('+')[0]}-v{FORMAT}"
+    if mode == "int4":
+        key += f"-{torch.backends.cpu.get_cpu_capability().lower()}"
+    return key
 
 
 def gguf_cache_dir(gguf: Path, cache_root: Path, dtype: str) -> Path:
