@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "quantized.safetensors"
 # The layout of the cached state; part of the cache folder's name, so a cache of another layout is never read.
-FORMAT = 2  # 2: int8 embedding table, fingerprint in the metadata
+FORMAT = 3  # 2: int8 embedding table, fingerprint in the metadata; 3: the LM head int8 in int4 mode
 
 
 def skeleton(config: Any, mode: str, dtype: torch.dtype) -> Any:
@@ -36,9 +36,10 @@ def skeleton(config: Any, mode: str, dtype: torch.dtype) -> Any:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    emb = model.get_input_embeddings()
+    emb, head_name = model.get_input_embeddings(), quant.head_name(model)
     for name in quant.linear_names(model):
-        quant.replace(model, name, quant.empty_quantized(mode, model.get_submodule(name), dtype))
+        layer_mode = quant.layer_mode(mode, name, head_name)
+        quant.replace(model, name, quant.empty_quantized(layer_mode, model.get_submodule(name), dtype))
     head = model.get_output_embeddings()
     if isinstance(head, quant.Int8Linear) and getattr(config, "tie_word_embeddings", False):
         model.set_input_embeddings(quant.Int8Embedding.tied(head))
@@ -99,7 +100,7 @@ def convert(gguf: Path, mode: str, dtype: torch.dtype) -> tuple[Any, Any, dict[s
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = skeleton(config, mode, dtype)
-    linears = set(quant.linear_names(plain))
+    linears, head = set(quant.linear_names(plain)), quant.head_name(plain)
     state: dict[str, torch.Tensor] = {}
     embedding_param = next(n for n, p in plain.named_parameters() if p is plain.get_input_embeddings().weight)
     emb_module = quant.embedding_name(model)
@@ -107,7 +108,7 @@ def convert(gguf: Path, mode: str, dtype: torch.dtype) -> tuple[Any, Any, dict[s
     for name, t in gguf_tensors(gguf, plain):
         layer, _, kind = name.rpartition(".")
         if kind == "weight" and layer in linears:
-            q = quant.quantized(mode, t, None, dtype)
+            q = quant.quantized(quant.layer_mode(mode, layer, head), t, None, dtype)
             state.update({f"{layer}.{k}": v for k, v in q.state_dict().items() if k != "bias"})
         elif name == embedding_param:
             embedding = t  # float32: a tied head's own quantised copy, and the fingerprint
@@ -118,10 +119,8 @@ def convert(gguf: Path, mode: str, dtype: torch.dtype) -> tuple[Any, Any, dict[s
             state[name] = t.to(dtype)
     if embedding is None:
         raise RuntimeError("the GGUF has no token embedding")
-    out = plain.get_output_embeddings()
-    head = next((n for n in linears if plain.get_submodule(n) is out), None)
     if head is not None and f"{head}.qweight" not in state:
-        q = quant.quantized(mode, embedding, None, dtype)
+        q = quant.quantized(quant.layer_mode(mode, head, head), embedding, None, dtype)
         state.update({f"{head}.{k}": v for k, v in q.state_dict().items() if k != "bias"})
     del plain
     materialize(model, state)
