@@ -109,8 +109,8 @@ def test_an_int4_layer_reads_back_rows_beyond_one_chunk_of_the_identity():
     torch.testing.assert_close(q.weight_rows([0, 17, 63]), q(x)[:, [0, 17, 63]].T)
 
 
-def test_auto_is_int8_unless_a_dtype_is_named():
-    assert Settings().resolved_quantize() == "int8"
+def test_auto_is_int4_unless_a_dtype_is_named():
+    assert Settings().resolved_quantize() == "int4"
     assert Settings(dtype="float32").resolved_quantize() == "none"
     assert Settings(dtype="float32", quantize="int4").resolved_quantize() == "int4"
 
