@@ -40,11 +40,9 @@ def skeleton(config: Any, mode: str, dtype: torch.dtype) -> Any:
     for name in quant.linear_names(model):
         layer_mode = quant.layer_mode(mode, name, head_name)
         quant.replace(model, name, quant.empty_quantized(layer_mode, model.get_submodule(name), dtype))
-    head = model.get_output_embeddings()
-    if isinstance(head, quant.Int8Linear) and getattr(config, "tie_word_embeddings", False):
-        model.set_input_embeddings(quant.Int8Embedding.tied(head))
-    else:
-        model.set_input_embeddings(quant.Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype, device="meta"))
+    head = quant.tied_int8_head(model)
+    model.set_input_embeddings(quant.Int8Embedding.tied(head) if head is not None
+                               else quant.Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype, device="meta"))
     return model
 
 

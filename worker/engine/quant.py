@@ -219,10 +219,17 @@ def quantize_model(model: torch.nn.Module, mode: str, dtype: torch.dtype) -> int
         lin = model.get_submodule(name)
         replace(model, name, quantized(layer_mode(mode, name, head), lin.weight, lin.bias, dtype))
     if isinstance(emb, torch.nn.Embedding) and emb_weight is not None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        tied = isinstance(head, Int8Linear) and getattr(model.config, "tie_word_embeddings", False)
-        model.set_input_embeddings(Int8Embedding.tied(head) if tied else Int8Embedding.from_weight(emb_weight, dtype))
+        head = tied_int8_head(model)
+        model.set_input_embeddings(Int8Embedding.tied(head) if head is not None
+                                   else Int8Embedding.from_weight(emb_weight, dtype))
     return len(names)
+
+
+def tied_int8_head(model: torch.nn.Module) -> Int8Linear | None:
+    """The LM head the token embedding reads its rows from: an int8 head of a model that ties the two, else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    return head if tied and isinstance(head, Int8Linear) else None
 
 
 def embedding_name(model: torch.nn.Module) -> str:
