@@ -108,10 +108,10 @@ class Int4Linear(torch.nn.Module):
 
         The packed layout is the kernel's own, so the rows are read through the kernel, a slice of the identity at a
         time: the whole dequantised LM head at once was a 272 MiB transient at every load."""
-        dt, out = self.scales_zeros.dtype, []
+        eye, out = torch.eye(self.in_features, dtype=self.scales_zeros.dtype), []
         for start in range(0, self.in_features, WEIGHT_ROWS_CHUNK):
-            eye = torch.eye(self.in_features, dtype=dt)[start:start + WEIGHT_ROWS_CHUNK]
-            w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group, self.scales_zeros)
+            w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye[start:start + WEIGHT_ROWS_CHUNK], self.qweight,
+                                                          self.group, self.scales_zeros)
             out.append(w[:, rows].float())  # [chunk, len(rows)]
         return torch.cat(out).T.contiguous()
 
@@ -186,10 +186,14 @@ def empty_quantized(mode: str, linear: torch.nn.Module, dtype: torch.dtype) -> t
     return Int8Linear(k, n, has_bias, dtype, device="meta")
 
 
+def module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
+    """The qualified name of ``module`` inside ``model``, or None when it is not there (or None)."""
+    return next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
+
+
 def head_name(model: torch.nn.Module) -> str | None:
     """The qualified name of ``model``'s LM head (its output embedding), or None when it has none."""
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return next((n for n, m in model.named_modules() if m is out), None) if out is not None else None
+    return module_name(model, model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None)
 
 
 def layer_mode(mode: str, name: str, head: str | None) -> str:
@@ -219,8 +223,8 @@ def quantize_model(model: torch.nn.Module, mode: str, dtype: torch.dtype) -> int
         lin = model.get_submodule(name)
         replace(model, name, quantized(layer_mode(mode, name, head), lin.weight, lin.bias, dtype))
     if isinstance(emb, torch.nn.Embedding) and emb_weight is not None:
-        head = tied_int8_head(model)
-        model.set_input_embeddings(Int8Embedding.tied(head) if head is not None
+        tied = tied_int8_head(model)
+        model.set_input_embeddings(Int8Embedding.tied(tied) if tied is not None
                                    else Int8Embedding.from_weight(emb_weight, dtype))
     return len(names)
 
@@ -234,5 +238,7 @@ def tied_int8_head(model: torch.nn.Module) -> Int8Linear | None:
 
 def embedding_name(model: torch.nn.Module) -> str:
     """The qualified name of ``model``'s token-embedding module."""
-    emb = model.get_input_embeddings()
-    return next(n for n, m in model.named_modules() if m is emb)
+    name = module_name(model, model.get_input_embeddings())
+    if name is None:
+        raise ValueError("the model has no token-embedding module")
+    return name
