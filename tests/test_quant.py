@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from worker.engine import Engine
-from worker.engine.quant import Int4Linear, Int8Embedding, Int8Linear, quantize_model
+from worker.engine import Engine, quant
+from worker.engine.quant import (
+    DEQUANT_ROWS,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    packed_kernels_only,
+    quantize_model,
+)
 from worker.settings import Settings
 from worker.testing import build_tiny_model, smollm2_path
 
@@ -40,18 +51,67 @@ def engine_for(model_dir, tmp_path, **kw) -> Engine:
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 def test_a_quantised_layer_computes_its_dequantised_weights_linear(cls):
-    # Given a Linear's weights quantised
+    # Given a Linear's weights quantised, in a float32 model
     torch.manual_seed(0)
-    w, b, x = torch.randn(48, 128), torch.randn(48), torch.randn(2, 3, 128)
+    w, b = torch.randn(48, 128), torch.randn(48)
     q = cls.from_weight(w, b, torch.float32)
-    # Then it is linear-like, and computes x @ W'.T + b for its own dequantised W' (the rows it reports)
     assert (q.in_features, q.out_features) == (128, 48)
     w_hat = q.weight_rows(list(range(48)))
-    torch.testing.assert_close(q(x), x @ w_hat.T + b, atol=1e-3, rtol=1e-4)
+    # Then a call of many rows computes x @ W'.T + b for its own dequantised W' (the rows it reports), in float32
+    many = torch.randn(2, DEQUANT_ROWS, 128)
+    torch.testing.assert_close(q(many), many @ w_hat.T + b, atol=1e-4, rtol=1e-5)
+    # and a call of few rows (the packed kernel) the same for its input rounded to bf16, the kernel's dtype, up to
+    # the bf16 rounding of its output (2^-8 relative)
+    few = torch.randn(2, 3, 128)
+    expect = few.bfloat16().float() @ w_hat.T
+    assert q(few).dtype == torch.float32
+    torch.testing.assert_close(q(few), expect + b, atol=expect.abs().max().item() * 2**-8, rtol=0)
+    # as does every call inside packed_kernels_only()
+    with packed_kernels_only():
+        expect = many.bfloat16().float() @ w_hat.T
+        torch.testing.assert_close(q(many), expect + b, atol=expect.abs().max().item() * 2**-8, rtol=0)
     # and W' is W rounded: at most half a step off (int8: 1/254 of the row's largest weight; int4: 1/30 of the
-    # group's range)
+    # group's range; the scales are bf16, a relative 2^-9 more)
     step = w.abs().amax(1, keepdim=True) / 127 if cls is Int8Linear else (w.amax(1) - w.amin(1))[:, None] / 15
-    assert bool(((w_hat - w).abs() <= step / 2 + 1e-5).all())
+    assert bool(((w_hat - w).abs() <= step / 2 + w.abs() * 2**-8 + 1e-5).all())
+
+
+def test_unpack_int4_reads_the_kernels_packing_back(tmp_path):
+    # torch packs in blocks of 64 rows under AVX-512, 32 under AVX2 and in pairs in the scalar build: each layout,
+    # as far as this CPU can run it (ATEN_CPU_CAPABILITY only lowers it), full blocks and a partial one
+    code = (
+        "import torch\n"
+        "from worker.engine.quant import unpack_int4, int4_layout_ok\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for n, k in [(64, 32), (80, 64), (16, 32), (4864, 96), (208, 128)]:\n"
+        "    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)\n"
+        "    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)\n"
+        "    assert torch.equal(unpack_int4(p, n, k).to(torch.int32), q), (n, k)\n"
+        "assert int4_layout_ok()\n"
+        "print(torch.backends.cpu.get_cpu_capability())\n"
+    )
+    seen = set()
+    for capability in ("default", "avx2", "avx512"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        seen.add(out.stdout.strip())
+    assert "DEFAULT" in seen
+
+
+def test_an_int4_layer_reads_back_rows_through_the_kernel_when_the_layout_is_unknown(monkeypatch):
+    torch.manual_seed(1)
+    q = Int4Linear.from_weight(torch.randn(128, 96), None, torch.float32)
+    rows = [0, 17, 63, 64, 127]
+    unpacked = q.weight_rows(rows)
+    # A torch whose packing this code does not know: rows come back through the kernel (the identity, a chunk of
+    # 32 at a time), the same numbers up to the kernel's bf16 output; and calls of many rows stay on the kernel
+    monkeypatch.setitem(quant._layout_checked, torch.backends.cpu.get_cpu_capability(), False)
+    torch.testing.assert_close(q.weight_rows(rows), unpacked, rtol=2**-8, atol=1e-6)
+    x = torch.randn(DEQUANT_ROWS, 96)
+    with packed_kernels_only():
+        on_kernel = q(x)
+    assert torch.equal(q(x), on_kernel)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -91,22 +151,15 @@ def test_the_int8_embedding_looks_up_its_rounded_rows_and_a_tied_one_reads_the_h
     torch.manual_seed(0)
     table, ids = torch.randn(40, 16), torch.tensor([[0, 5, 39], [7, 7, 1]])
     emb = Int8Embedding.from_weight(table, torch.float32)
-    # Each row is within half a step (1/254 of its largest value) of the float row, and the lookup returns them
+    # Each row is within half a step (1/254 of its largest value) of the float row, plus its bf16 scale's rounding
+    # (2^-9 relative), and the lookup returns them
     rows = emb.weight_rows(list(range(40)))
-    assert bool(((rows - table).abs() <= table.abs().amax(1, keepdim=True) / 254 + 1e-6).all())
+    assert bool(((rows - table).abs() <= table.abs().amax(1, keepdim=True) / 254 + table.abs() * 2**-8 + 1e-6).all())
     torch.testing.assert_close(emb(ids), rows[ids])
     # A table tied to an int8 head quantised from it reads the same numbers and holds no tensor of its own
     head = Int8Linear.from_weight(table, None, torch.float32)
     tied = Int8Embedding.tied(head)
     assert list(tied.buffers()) == [] and torch.equal(tied(ids), emb(ids))
-
-
-def test_an_int4_layer_reads_back_rows_beyond_one_chunk_of_the_identity():
-    torch.manual_seed(1)
-    w = torch.randn(64, 96)  # 96 input channels: three chunks of the identity
-    q = Int4Linear.from_weight(w, None, torch.float32)
-    x = torch.eye(96)
-    torch.testing.assert_close(q.weight_rows([0, 17, 63]), q(x)[:, [0, 17, 63]].T)
 
 
 def test_auto_is_int4_unless_a_dtype_is_named():
@@ -223,3 +276,33 @@ print(libc.mallinfo2().hblkhd - before)
     mapped = {p: int(subprocess.run([sys.executable, "-c", code.replace("POLICY", p)], capture_output=True, text=True,
                                     env=env, check=True).stdout.split()[-1]) for p in ("False", "True")}
     assert mapped["True"] >= 2 << 20 and mapped["False"] == 0, mapped
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_batches_of_many_rows_score_through_dequantised_weights_and_replies_stay_on_the_kernels(
+        tiny_model_dir, tmp_path, monkeypatch, mode):
+    engine = engine_for(tiny_model_dir, tmp_path, quantize=mode)
+    on_kernels = engine.score(TEXTS)
+    reply = engine.reply([], "hello").text
+    # When every call of 2 rows or more dequantises (the tiny model's batches are far below the real threshold)
+    monkeypatch.setattr(quant, "DEQUANT_ROWS", 2)
+    calls = []
+    monkeypatch.setattr(quant.Int8Linear, "dequantized", _counting(quant.Int8Linear.dequantized, calls))
+    monkeypatch.setattr(quant.Int4Linear, "dequantized", _counting(quant.Int4Linear.dequantized, calls))
+    dequantised = engine.score(TEXTS)
+    # Then sentiment went through the dequantised weights and scores what the kernels score: the two differ by the
+    # bf16 rounding of the kernel's input and output only (the tiny model runs in float32), a few 1e-4 in P
+    assert calls
+    torch.testing.assert_close(dequantised.p_positive, on_kernels.p_positive, atol=5e-3, rtol=0)
+    assert [s.label for s in engine.sentiments(dequantised)] == [s.label for s in engine.sentiments(on_kernels)]
+    # and generation never does (a row's numbers must not depend on its batch): the same reply, no dequantisation
+    calls.clear()
+    assert engine.reply([], "hello").text == reply
+    assert not calls
+
+
+def _counting(fn, calls):
+    def wrapped(self, *a, **kw):
+        calls.append(type(self).__name__)
+        return fn(self, *a, **kw)
+    return wrapped

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "quantized.safetensors"
 # The layout of the cached state; part of the cache folder's name, so a cache of another layout is never read.
-FORMAT = 3  # 2: int8 embedding table, fingerprint in the metadata; 3: the LM head int8 in int4 mode
+FORMAT = 4  # 2: int8 embedding table, fingerprint in the metadata; 3: the LM head int8 in int4 mode;
+# 4: scales in the kernels' dtype (bf16) whatever the activations' dtype
 
 
 def skeleton(config: Any, mode: str, dtype: torch.dtype) -> Any:

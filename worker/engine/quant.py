@@ -2,8 +2,14 @@
 
 Decoding one token reads every weight once, so its speed is set by the bytes of the weights: int8 weights read a
 quarter of float32's, 4-bit an eighth. Only the weights are quantised; activations stay in the model's float dtype
-(bf16 where the CPU computes it natively, else float32), so a message's scores do not depend on what else is in its
-batch or its prompt (dynamic int8 scaled activations per forward pass, which made cached and plain scores differ).
+(bf16 where the CPU computes it natively, else float32) and meet the packed kernels in bf16 (:data:`KERNEL_DTYPE`),
+so a message's scores do not depend on what else is in its batch or its prompt (dynamic int8 scaled activations
+per forward pass, which made cached and plain scores differ).
+
+Two paths per call, by its rows (:data:`DEQUANT_ROWS`): few rows (a decode step, a live message) go through the
+packed kernel, which reads the small weights; many rows (a bulk sentiment batch, a long prompt) dequantise the
+layer once into a reused buffer and run one plain GEMM, which the packed kernels cannot match at hundreds of rows.
+Generation stays on the packed kernels (:func:`packed_kernels_only`).
 
 - :class:`Int8Linear`: one scale per output channel, ``aten._weight_int8pack_mm``.
 - :class:`Int4Linear`: a scale and an offset per group of input channels, ``aten._weight_int4pack_mm_for_cpu``.
@@ -21,24 +27,81 @@ and ``load_state_dict(assign=True)`` fills them (the converted-weights cache, :m
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 
 MODES = ("int8", "int4")
 # Input channels per int4 scale: smaller groups follow the weights more closely, larger ones read fewer scales.
 INT4_GROUP = 32
-# Identity rows per kernel call when reading an int4 layer's weights back (a few MiB of output per call).
+# The activations' and scales' dtype at torch's packed kernels. Their vectorised paths (AVX2, AVX-512) are written
+# for bf16: with float32 input the same int4 call ran 30x slower and int8 10x slower (a scalar loop). A float32
+# model (a CPU without native bf16) keeps float32 everywhere else and casts at the kernel's edge.
+KERNEL_DTYPE = torch.bfloat16
+# From this many rows a call dequantises the weight to the activations' dtype and runs one plain GEMM instead:
+# the packed kernels expand the weights again for every 4 rows (int4) or run without blocking (int8), and a
+# batched prefill of 1,024 rows was 3-4x faster dequantised (docs/benchmark.md). Decode steps (1-16 rows) stay on
+# the packed kernels, which read 4-8x fewer bytes.
+DEQUANT_ROWS = 128
+# ...for layers of at most this many weights: a dequantised LM head (136 M weights) would be a 272 MiB transient.
+DEQUANT_MAX_WEIGHTS = 16 * 2**20
+# Rows per call when reading a layer's weights back without a GEMM of the whole table (a few MiB at a time).
 WEIGHT_ROWS_CHUNK = 32
 
 
+_packed_only = contextvars.ContextVar("packed_only", default=False)
+
+
+@contextlib.contextmanager
+def packed_kernels_only() -> Iterator[None]:
+    """Every quantised layer on its packed kernel inside the block, however many rows a call has.
+
+    The two paths round differently (bf16 activations into the kernel, a bf16 or float32 dequantised weight in the
+    GEMM), so a row's numbers would depend on how many rows share its call. Replies need a row to come out the
+    same alone and in a batch (greedy decoding amplifies any difference into other tokens), so generation runs
+    here; sentiment batches take the fast path and their labels are checked against the plain pass (the bench)."""
+    token = _packed_only.set(True)
+    try:
+        yield
+    finally:
+        _packed_only.reset(token)
+
+
+def _dequantises(module: torch.nn.Module, rows: int) -> bool:
+    return (rows >= DEQUANT_ROWS and module.in_features * module.out_features <= DEQUANT_MAX_WEIGHTS
+            and not _packed_only.get())
+
+
+_scratch: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _buffer(numel: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
+    """``numel`` elements to dequantise into: one buffer per dtype reused by every layer when ``reuse`` (the
+    weight is consumed by the GEMM right after), else fresh memory (autograd may keep the weight for backward).
+
+    Reused because the engine returns freed blocks of 1 MiB and more to the system (cpu.return_freed_memory):
+    fresh weight-sized buffers at every call were page faults that cost more than the GEMM they fed."""
+    if not reuse:
+        return torch.empty(numel, dtype=dtype)
+    buf = _scratch.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
 class Int8Linear(torch.nn.Module):
-    """``x @ (q * scale).T + bias`` with ``q`` int8 [out, in] and one ``scale`` per output channel."""
+    """``x @ (q * scale).T + bias`` with ``q`` int8 [out, in] and one ``scale`` per output channel.
+
+    ``dtype`` is the activations' (and the bias's); the scales are in :data:`KERNEL_DTYPE`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=KERNEL_DTYPE, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
@@ -47,34 +110,93 @@ class Int8Linear(torch.nn.Module):
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         m = cls(w.shape[1], w.shape[0], bias is not None, dtype)
         m.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        m.scales = scale.to(dtype)
+        m.scales = scale.to(KERNEL_DTYPE)
         m.bias = None if bias is None else bias.detach().to(dtype).clone()
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scales.dtype).contiguous(),
-                                               self.qweight, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        x2 = x.reshape(-1, shape[-1])
+        if _dequantises(self, x2.shape[0]):
+            y = torch.nn.functional.linear(x2, self.dequantized(x.dtype), self.bias)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales)
+            y = y.to(x.dtype) if self.bias is None else y.to(x.dtype) + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole weight [out, in] in ``dtype`` (in a reused buffer outside autograd: use it before the next)."""
+        w = _buffer(self.qweight.numel(), dtype, reuse=not torch.is_grad_enabled()).view(self.out_features, -1)
+        return w.copy_(self.qweight).mul_(self.scales.to(dtype)[:, None])
 
     def weight_rows(self, rows: list[int]) -> torch.Tensor:
         """Rows of the dequantised weight, in float32 (the sentiment label rows of an LM head)."""
         return self.qweight[rows].float() * self.scales[rows].float()[:, None]
 
 
+def unpack_int4(packed: torch.Tensor, n: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The 4-bit values (0..15) [n, k] of a weight packed by ``aten._convert_weight_to_int4pack_for_cpu``, written
+    into ``out`` ([n, k], any dtype) when given, else as uint8.
+
+    The layout is the kernel's (``weight_to_int4pack_kernel`` in torch's ``int4mm_kernel.cpp``): rows in blocks of
+    64 under AVX-512, 32 otherwise, each block stored k-major as [k, block / 2] bytes. In a full vectorised block the
+    low nibbles hold the block's first half of rows and the high nibbles the second; a partial block, and every
+    block of the scalar build, holds row pairs (2i low, 2i+1 high). :func:`int4_layout_ok` checks this against the
+    running torch once."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    vectorised = capability.startswith(("AVX512", "AVX2"))
+    block = 64 if capability.startswith("AVX512") else 32
+    out = torch.empty(n, k, dtype=torch.uint8) if out is None else out
+    flat, full = packed.reshape(-1), n // block
+    if full:
+        b = flat[: full * k * block // 2].view(full, k, block // 2)
+        rows = out[: full * block].view(full, block, k)  # written through its transpose: [full, k, block]
+        if vectorised:
+            lo, hi = rows[:, : block // 2].transpose(1, 2), rows[:, block // 2:].transpose(1, 2)
+        else:
+            lo, hi = rows[:, 0::2].transpose(1, 2), rows[:, 1::2].transpose(1, 2)
+        lo.copy_(b & 15)
+        hi.copy_(b >> 4)
+    if n > full * block:
+        b = flat[full * k * block // 2:].view(k, (n - full * block) // 2)
+        tail = out[full * block:]
+        tail[0::2].copy_((b & 15).T)
+        tail[1::2].copy_((b >> 4).T)
+    return out
+
+
+_layout_checked: dict[str, bool] = {}
+
+
+def int4_layout_ok() -> bool:
+    """Whether :func:`unpack_int4` reads this torch's packing right (a full and a partial block, once per process).
+
+    Where it does not (a torch that changed its layout), int4 layers stay on the packed kernel for every call and
+    read rows back through it: slower for batches, never wrong."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in _layout_checked:
+        q = torch.randint(0, 16, (80, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            _layout_checked[capability] = torch.equal(unpack_int4(packed, 80, 64).to(torch.int32), q)
+        except RuntimeError:
+            _layout_checked[capability] = False
+    return _layout_checked[capability]
+
+
 class Int4Linear(torch.nn.Module):
     """4-bit weights in groups of ``group`` input channels, each group with its own scale and offset
-    (asymmetric: ``w = q * scale + min``, q in 0..15), packed once into the layout of torch's CPU kernel."""
+    (asymmetric: ``w = q * scale + min``, q in 0..15), packed once into the layout of torch's CPU kernel.
+
+    ``dtype`` is the activations' (and the bias's); scales and offsets are in :data:`KERNEL_DTYPE`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group: int = INT4_GROUP,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.in_features, self.out_features, self.group, self.dtype = in_features, out_features, group, dtype
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales_zeros",
-                             torch.empty(in_features // group, out_features, 2, dtype=dtype, device=device))
+                             torch.empty(in_features // group, out_features, 2, dtype=KERNEL_DTYPE, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
@@ -89,31 +211,54 @@ class Int4Linear(torch.nn.Module):
         m = cls(k, n, bias is not None, dtype, group)
         m.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         # The kernel computes (q - 8) * scale + zero: our offset is the group's minimum, so zero = min + 8 scale.
-        m.scales_zeros = torch.stack([scale.T, (lo + 8 * scale).T], dim=-1).to(dtype).contiguous()
+        m.scales_zeros = torch.stack([scale.T, (lo + 8 * scale).T], dim=-1).to(KERNEL_DTYPE).contiguous()
         m.bias = None if bias is None else bias.detach().to(dtype).clone()
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        dt = self.scales_zeros.dtype
-        # The kernel refuses a strided view (a batch's attention output reaches o_proj as one).
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(dt).contiguous(), self.qweight,
-                                                      self.group, self.scales_zeros)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        x2 = x.reshape(-1, shape[-1])
+        if _dequantises(self, x2.shape[0]) and int4_layout_ok():
+            y = torch.nn.functional.linear(x2, self.dequantized(x.dtype), self.bias)
+        else:
+            # The kernel refuses a strided view (a batch's attention output reaches o_proj as one).
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE).contiguous(), self.qweight,
+                                                          self.group, self.scales_zeros)
+            y = y.to(x.dtype) if self.bias is None else y.to(x.dtype) + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantized(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight [out, in] (or the rows of a slice whose bounds are multiples of 64) in ``dtype``: the
+        kernel's own arithmetic, ``(q - 8) * scale + zero`` per group (in a reused buffer outside autograd: use it
+        before the next)."""
+        n, k, g = self.out_features, self.in_features, self.group
+        start, stop, _ = rows.indices(n)
+        w = _buffer((stop - start) * k, dtype, reuse=not torch.is_grad_enabled()).view(stop - start, k)
+        unpack_int4(self.qweight.reshape(-1)[start * k // 2: stop * k // 2], stop - start, k, out=w)
+        sz = self.scales_zeros[:, start:stop].float()
+        scale = sz[..., 0].T.to(dtype).contiguous().unsqueeze(-1)  # [rows, groups, 1]
+        zero = (sz[..., 1] - 8 * sz[..., 0]).T.to(dtype).contiguous().unsqueeze(-1)
+        w.view(stop - start, k // g, g).mul_(scale).add_(zero)
+        return w
 
     def weight_rows(self, rows: list[int]) -> torch.Tensor:
-        """Rows of the dequantised weight, in float32: the layer applied to the identity, then the rows kept.
+        """Rows of the dequantised weight, in float32 (the sentiment label rows when the LM head is int4).
 
-        The packed layout is the kernel's own, so the rows are read through the kernel, a slice of the identity at a
-        time: the whole dequantised LM head at once was a 272 MiB transient at every load."""
-        eye, out = torch.eye(self.in_features, dtype=self.scales_zeros.dtype), []
+        Unpacked from blocks of 64 rows around each wanted row; where the unpacking does not match this torch, read
+        through the kernel applied to the identity, a slice at a time (the whole head at once is a 272 MiB
+        transient)."""
+        if int4_layout_ok():
+            out = []
+            for r in rows:
+                start = r // 64 * 64
+                out.append(self.dequantized(torch.float32, slice(start, min(start + 64, self.out_features)))[r - start])
+            return torch.stack(out)
+        eye, cols = torch.eye(self.in_features, dtype=KERNEL_DTYPE), []
         for start in range(0, self.in_features, WEIGHT_ROWS_CHUNK):
             w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye[start:start + WEIGHT_ROWS_CHUNK], self.qweight,
                                                           self.group, self.scales_zeros)
-            out.append(w[:, rows].float())  # [chunk, len(rows)]
-        return torch.cat(out).T.contiguous()
+            cols.append(w[:, rows].float())  # [chunk, len(rows)]
+        return torch.cat(cols).T.contiguous()
 
 
 class Int8Embedding(torch.nn.Module):
@@ -131,7 +276,7 @@ class Int8Embedding(torch.nn.Module):
         if tied_to is None:
             self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8,
                                                         device=device))
-            self.register_buffer("scales", torch.empty(num_embeddings, dtype=dtype, device=device))
+            self.register_buffer("scales", torch.empty(num_embeddings, dtype=KERNEL_DTYPE, device=device))
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int8Embedding:
@@ -142,7 +287,7 @@ class Int8Embedding(torch.nn.Module):
 
     @classmethod
     def tied(cls, head: Int8Linear) -> Int8Embedding:
-        return cls(head.out_features, head.in_features, head.scales.dtype, tied_to=head)
+        return cls(head.out_features, head.in_features, head.dtype, tied_to=head)
 
     def _table(self) -> tuple[torch.Tensor, torch.Tensor]:
         src = self.tied_to if self.tied_to is not None else self
@@ -150,7 +295,7 @@ class Int8Embedding(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         q, scales = self._table()
-        return torch.nn.functional.embedding(ids, q).to(self.dtype) * scales[ids].unsqueeze(-1)
+        return torch.nn.functional.embedding(ids, q).to(self.dtype) * scales[ids].to(self.dtype).unsqueeze(-1)
 
     def weight_rows(self, rows: list[int]) -> torch.Tensor:
         """Rows of the dequantised table, in float32."""

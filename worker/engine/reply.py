@@ -17,6 +17,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from worker import prompts
+from worker.engine import quant
 from worker.settings import Settings
 
 # Role markers and separators a chat template adds around one turn, in tokens (budget estimate).
@@ -135,7 +136,7 @@ class Replier:
         gen = self._generate_kwargs(settings)
         if on_token is not None:
             gen["streamer"] = _TokenStreamer(on_token)
-        with torch.inference_mode():
+        with torch.inference_mode(), quant.packed_kernels_only():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
         return out[0, ids.shape[1] :]
 
@@ -172,7 +173,7 @@ class Replier:
         for row, p in enumerate(prompts_ids):
             ids[row, longest - p.shape[1] :] = p[0]
             mask[row, longest - p.shape[1] :] = 1
-        with torch.inference_mode():
+        with torch.inference_mode(), quant.packed_kernels_only():
             out = self.model.generate(input_ids=ids, attention_mask=mask, **self._generate_kwargs(settings))
         new = []
         for row in out[:, longest:]:
