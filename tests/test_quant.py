@@ -86,7 +86,7 @@ def test_unpack_int4_reads_the_kernels_packing_back(tmp_path):
         "for n, k in [(64, 32), (80, 64), (16, 32), (4864, 96), (208, 128)]:\n"
         "    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)\n"
         "    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)\n"
-        "    assert torch.equal(unpack_int4(p, n, k).to(torch.int32), q), (n, k)\n"
+        "    assert torch.equal(unpack_int4(p, n, k).T.to(torch.int32), q), (n, k)\n"
         "assert int4_layout_ok()\n"
         "print(torch.backends.cpu.get_cpu_capability())\n"
     )

@@ -135,33 +135,31 @@ class Int8Linear(torch.nn.Module):
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The 4-bit values (0..15) [n, k] of a weight packed by ``aten._convert_weight_to_int4pack_for_cpu``, written
-    into ``out`` ([n, k], any dtype) when given, else as uint8.
+    """The 4-bit values (0..15) of a weight [n, k] packed by ``aten._convert_weight_to_int4pack_for_cpu``,
+    **transposed**: [k, n], written into ``out`` (any dtype) when given, else as uint8.
 
     The layout is the kernel's (``weight_to_int4pack_kernel`` in torch's ``int4mm_kernel.cpp``): rows in blocks of
     64 under AVX-512, 32 otherwise, each block stored k-major as [k, block / 2] bytes. In a full vectorised block the
     low nibbles hold the block's first half of rows and the high nibbles the second; a partial block, and every
-    block of the scalar build, holds row pairs (2i low, 2i+1 high). :func:`int4_layout_ok` checks this against the
-    running torch once."""
+    block of the scalar build, holds row pairs (2i low, 2i+1 high). k-major is why the result is transposed: each
+    block's row of nibbles lands as one contiguous run (writing [n, k] was a strided scatter, slower than the GEMM
+    it fed). :func:`int4_layout_ok` checks all this against the running torch once."""
     capability = torch.backends.cpu.get_cpu_capability()
     vectorised = capability.startswith(("AVX512", "AVX2"))
     block = 64 if capability.startswith("AVX512") else 32
-    out = torch.empty(n, k, dtype=torch.uint8) if out is None else out
+    out = torch.empty(k, n, dtype=torch.uint8) if out is None else out
     flat, full = packed.reshape(-1), n // block
     if full:
-        b = flat[: full * k * block // 2].view(full, k, block // 2)
-        rows = out[: full * block].view(full, block, k)  # written through its transpose: [full, k, block]
-        if vectorised:
-            lo, hi = rows[:, : block // 2].transpose(1, 2), rows[:, block // 2:].transpose(1, 2)
-        else:
-            lo, hi = rows[:, 0::2].transpose(1, 2), rows[:, 1::2].transpose(1, 2)
-        lo.copy_(b & 15)
-        hi.copy_(b >> 4)
+        b = flat[: full * k * block // 2].view(full, k, block // 2).transpose(0, 1)  # [k, full, block / 2]
+        cols = out[:, : full * block].view(k, full, block)
+        lo, hi = (cols[..., : block // 2], cols[..., block // 2:]) if vectorised else (cols[..., 0::2], cols[..., 1::2])
+        torch.bitwise_and(b, 15, out=lo) if out.dtype == torch.uint8 else lo.copy_(b & 15)
+        torch.bitwise_right_shift(b, 4, out=hi) if out.dtype == torch.uint8 else hi.copy_(b >> 4)
     if n > full * block:
         b = flat[full * k * block // 2:].view(k, (n - full * block) // 2)
-        tail = out[full * block:]
-        tail[0::2].copy_((b & 15).T)
-        tail[1::2].copy_((b >> 4).T)
+        tail = out[:, full * block:]
+        tail[:, 0::2].copy_(b & 15)
+        tail[:, 1::2].copy_(b >> 4)
     return out
 
 
@@ -178,7 +176,7 @@ def int4_layout_ok() -> bool:
         q = torch.randint(0, 16, (80, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
         try:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            _layout_checked[capability] = torch.equal(unpack_int4(packed, 80, 64).to(torch.int32), q)
+            _layout_checked[capability] = torch.equal(unpack_int4(packed, 80, 64).T.to(torch.int32), q)
         except RuntimeError:
             _layout_checked[capability] = False
     return _layout_checked[capability]
@@ -229,17 +227,18 @@ class Int4Linear(torch.nn.Module):
 
     def dequantized(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
         """The weight [out, in] (or the rows of a slice whose bounds are multiples of 64) in ``dtype``: the
-        kernel's own arithmetic, ``(q - 8) * scale + zero`` per group (in a reused buffer outside autograd: use it
-        before the next)."""
+        kernel's own arithmetic, ``(q - 8) * scale + zero`` per group. A transposed view of a [in, out] tensor (a
+        reused buffer outside autograd: use it before the next call)."""
         n, k, g = self.out_features, self.in_features, self.group
         start, stop, _ = rows.indices(n)
-        w = _buffer((stop - start) * k, dtype, reuse=not torch.is_grad_enabled()).view(stop - start, k)
-        unpack_int4(self.qweight.reshape(-1)[start * k // 2: stop * k // 2], stop - start, k, out=w)
-        sz = self.scales_zeros[:, start:stop].float()
-        scale = sz[..., 0].T.to(dtype).contiguous().unsqueeze(-1)  # [rows, groups, 1]
-        zero = (sz[..., 1] - 8 * sz[..., 0]).T.to(dtype).contiguous().unsqueeze(-1)
-        w.view(stop - start, k // g, g).mul_(scale).add_(zero)
-        return w
+        wt = _buffer((stop - start) * k, dtype, reuse=not torch.is_grad_enabled()).view(k, stop - start)
+        unpack_int4(self.qweight.reshape(-1)[start * k // 2: stop * k // 2], stop - start, k, out=wt)
+        sz = self.scales_zeros[:, start:stop].float()  # [groups, rows, 2]
+        scale = sz[..., 0].to(dtype).unsqueeze(1)  # [groups, 1, rows]
+        zero = (sz[..., 1] - 8 * sz[..., 0]).to(dtype).unsqueeze(1)
+        groups = wt.view(k // g, g, stop - start)
+        torch.addcmul(zero, groups, scale, out=groups)  # one pass, in place (elementwise: the overlap is exact)
+        return wt.T
 
     def weight_rows(self, rows: list[int]) -> torch.Tensor:
         """Rows of the dequantised weight, in float32 (the sentiment label rows when the LM head is int4).
