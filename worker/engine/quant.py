@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -74,7 +75,7 @@ def _dequantises(module: torch.nn.Module, rows: int) -> bool:
             and not _packed_only.get())
 
 
-_scratch: dict[torch.dtype, torch.Tensor] = {}
+_scratch = threading.local()  # per thread: two threads' forward passes must not share one buffer
 
 
 def _buffer(numel: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
@@ -85,9 +86,10 @@ def _buffer(numel: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
     fresh weight-sized buffers at every call were page faults that cost more than the GEMM they fed."""
     if not reuse:
         return torch.empty(numel, dtype=dtype)
-    buf = _scratch.get(dtype)
+    buffers = _scratch.__dict__.setdefault("by_dtype", {})
+    buf = buffers.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = _scratch[dtype] = torch.empty(numel, dtype=dtype)
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
