@@ -155,8 +155,8 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int, out: torch.Tensor | None =
         b = flat[: full * k * block // 2].view(full, k, block // 2).transpose(0, 1)  # [k, full, block / 2]
         cols = out[:, : full * block].view(k, full, block)
         lo, hi = (cols[..., : block // 2], cols[..., block // 2:]) if vectorised else (cols[..., 0::2], cols[..., 1::2])
-        torch.bitwise_and(b, 15, out=lo) if out.dtype == torch.uint8 else lo.copy_(b & 15)
-        torch.bitwise_right_shift(b, 4, out=hi) if out.dtype == torch.uint8 else hi.copy_(b >> 4)
+        lo.copy_(b & 15)
+        hi.copy_(b >> 4)
     if n > full * block:
         b = flat[full * k * block // 2:].view(k, (n - full * block) // 2)
         tail = out[:, full * block:]
