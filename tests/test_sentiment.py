@@ -66,11 +66,13 @@ def test_the_pipeline_stages_compose_to_score(tiny_engine):
     # Given the pipeline's three stages run by hand on the texts
     pipe = tiny_engine.sentiment
     batches = pipe.preprocess(TEXTS, batch_size=2, max_tokens=tiny_engine.settings.sentiment_max_tokens)
-    # Then preprocess puts every text in exactly one batch of at most 2, right-padded behind the cached prefix
+    # Then preprocess puts every text in exactly one pass of at most 2, packed behind the cached prefix
     assert sorted(r for b in batches for r in b.rows) == list(range(len(TEXTS)))
     assert all(len(b.rows) <= 2 for b in batches)
     for b in batches:
-        assert b.attention_mask.shape[1] == len(pipe.prefix_ids) + b.input_ids.shape[1]
+        tokens = sum(len(tiny_engine.message_ids(TEXTS[r])) for r in b.rows)
+        assert b.input_ids.shape == (1, tokens)  # no padding
+        assert b.attention_mask.shape == (1, 1, tokens, len(pipe.prefix_ids) + tokens)
     # and forward then postprocess give score()'s numbers, row by row
     scores = tiny_engine.score(TEXTS, batch_size=2)
     for b in batches:

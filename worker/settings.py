@@ -106,13 +106,16 @@ class Settings(BaseSettings):
     sentiment_max_tokens: int = Field(
         128, ge=8, le=4096, description="A message is cut to this many tokens for sentiment (its head is kept)."
     )
-    sentiment_batch_size: int = Field(16, ge=1, le=512, description="Messages per forward pass on the bulk path.")
+    sentiment_batch_size: int = Field(
+        64, ge=1, le=512, description="At most this many messages per sentiment forward pass (packed, no padding)."
+    )
     sentiment_batch_tokens: int = Field(
-        1024,
+        2048,
         ge=16,
         le=1 << 20,
-        description="At most this many padded message tokens per sentiment forward pass (a longer lone message "
-        "still goes alone): bounds a batch's activation memory, so long messages go in smaller batches.",
+        description="At most this many message tokens per sentiment forward pass (a longer lone message still goes "
+        "alone): bounds a pass's activation memory. Larger passes spread each layer's dequantisation over more "
+        "messages.",
     )
     sentiment_head: Path | None = Field(
         None, description="A trained sentiment head (python -m worker.train_head); absent: prompt scoring alone."

@@ -15,7 +15,7 @@ What lives where:
   kernels (``ALLINONE_QUANTIZE``), the LM head included.
 - ``gguf.py``: a GGUF loaded tensor by tensor straight into quantised layers (no float copy of the whole model),
   and cached in that form.
-- ``batching.py``: which messages share a forward pass (:func:`plan_batches`) and their right padding.
+- ``batching.py``: which messages share a forward pass (:func:`pack_batches`), packed into one sequence.
 - ``sentiment.py``: the sentiment pipeline (preprocess -> forward -> postprocess) on a cached prompt prefix;
   :class:`Scores`.
 - ``head.py``: the optional trained sentiment head, and the checks that it belongs to the loaded model and prompt.
@@ -24,8 +24,8 @@ What lives where:
 - ``reply.py``: chat replies: history that fits, the prompt, the decode (``Replier.generate``), :class:`Reply`.
 
 A sentiment call, ``engine.classify(texts)``: each text becomes its own tokens plus the prompt's suffix (the
-instruction and few-shot turns before it ran once at load and their key/value cache is kept); texts are sorted by
-length, cut into batches and right-padded (preprocess); the decoder runs each batch on a copy of the prefix cache
+instruction and few-shot turns before it ran once at load and their key/value cache is kept); texts are packed
+one after another into passes of a token budget (preprocess); the decoder runs each pass on a copy of the prefix cache
 and we keep the final hidden state at each message's last token, plus any inner layers a head reads (forward); two
 rows of the LM head turn it into the two label logits, and the head (if loaded) or the softmax of those logits into
 a :class:`~worker.schemas.Sentiment` (postprocess). Right padding keeps every real token at its unbatched position,
@@ -41,7 +41,7 @@ a row ends at its stop token, the time bound holds for the batch): the bulk path
 from __future__ import annotations
 
 from worker.engine.adapter import SentimentAdapter
-from worker.engine.batching import BATCH_OVERHEAD_TOKENS, plan_batches
+from worker.engine.batching import pack, pack_batches
 from worker.engine.cpu import PackedLinear, pack_bf16_linears
 from worker.engine.engine import Engine
 from worker.engine.identity import ModelIdentity
@@ -50,7 +50,6 @@ from worker.engine.reply import Reply
 from worker.engine.sentiment import Scores
 
 __all__ = [
-    "BATCH_OVERHEAD_TOKENS",
     "Engine",
     "LoadReport",
     "ModelIdentity",
@@ -61,6 +60,7 @@ __all__ = [
     "converted_cache_path",
     "gguf_cache_dir",
     "load_dtype",
+    "pack",
+    "pack_batches",
     "pack_bf16_linears",
-    "plan_batches",
 ]

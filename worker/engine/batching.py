@@ -1,61 +1,54 @@
-"""How many messages go into one forward pass, and how they are padded to share it.
+"""How many messages go into one forward pass, and how they share it: packed, not padded.
 
-Messages are sorted by token length so each batch pads little, cut into batches where lengths jump
-(:func:`plan_batches`), and right-padded (:func:`right_pad`): right padding keeps every real token at the position
-it has alone, so a batched score equals the unbatched one.
+The messages of a pass are laid one after another in a single sequence behind the cached prompt prefix
+(:func:`pack`). Each token sees the prefix and the earlier tokens of its own message only (a block-diagonal causal
+mask), and its position is the one it has alone, so a packed score equals the unpacked one and no pass computes a
+padding token. One sequence also means one pass where padded batches of uneven lengths needed several: every
+pass through a quantised model dequantises each layer once (:mod:`worker.engine.quant`), so fewer passes is
+directly less work. :func:`pack_batches` cuts a list of messages into passes by a token budget.
 """
 
 from __future__ import annotations
 
 import torch
 
-# What one more forward pass costs beyond its tokens (cache copy, per-layer call overhead), in padded tokens.
-BATCH_OVERHEAD_TOKENS = 32
+
+def pack_batches(lengths: list[int], max_messages: int, max_tokens: int | None = None) -> list[list[int]]:
+    """The positions of ``lengths`` grouped into passes of at most ``max_messages`` messages and ``max_tokens``
+    tokens in all (a message longer than the budget goes alone), in their given order.
+
+    Order is kept: with no padding, which messages share a pass changes no pass's cost, and passes of
+    neighbouring messages let a caller stream results in order."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i, n in enumerate(lengths):
+        full = len(current) >= max_messages or (max_tokens is not None and tokens + n > max_tokens)
+        if current and full:
+            out.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += n
+    if current:
+        out.append(current)
+    return out
 
 
-def plan_batches(lengths: list[int], max_batch: int, overhead: int = BATCH_OVERHEAD_TOKENS,
-                 max_tokens: int | None = None) -> list[tuple[int, int]]:
-    """Cut a list of token lengths, sorted ascending, into batches of at most ``max_batch``: ``[(start, end)]``.
-    ``max_tokens``: at most this many padded positions (``size x longest``) a batch, a lone message excepted: a
-    batch's activations grow with its positions, so long messages go in smaller batches.
+def pack(seqs: list[list[int]], prefix_len: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token lists as one packed sequence behind a cached prefix of ``prefix_len`` tokens.
 
-    A batch computes ``size x longest`` token positions (padding included). The cuts minimise the sum of that over
-    the batches plus ``overhead`` per batch (dynamic programming, O(n x max_batch)): a batch whose lengths jump
-    (a bulk task's 32 messages, sorted by bytes by the producer, can hold 40 tokens and 120) is split where they
-    jump, and a run of similar lengths stays one full batch."""
-    n = len(lengths)
-    best = [0] * (n + 1)
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        best[j] = 2**62
-        for i in range(max(0, j - max_batch), j):
-            if max_tokens is not None and j - i > 1 and (j - i) * lengths[j - 1] > max_tokens:
-                continue
-            cost = best[i] + (j - i) * lengths[j - 1] + overhead
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    out, j = [], n
-    while j > 0:
-        out.append((cut[j], j))
-        j = cut[j]
-    return out[::-1]
-
-
-def length_batches(lengths: list[int], max_batch: int, max_tokens: int | None = None) -> list[list[int]]:
-    """The positions of ``lengths`` grouped into batches: sorted by length, cut by :func:`plan_batches`."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    plan = plan_batches([lengths[i] for i in order], max_batch, max_tokens=max_tokens)
-    return [order[start:end] for start, end in plan]
-
-
-def right_pad(seqs: list[list[int]], pad_id: int, prefix_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists as one right-padded batch: ``input_ids`` [n, longest] and the attention mask
-    [n, prefix_len + longest], where the first ``prefix_len`` positions are a cached prefix every row attends to."""
-    n, longest = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((n, longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, prefix_len + longest), dtype=torch.long)
-    mask[:, :prefix_len] = 1
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, prefix_len : prefix_len + len(s)] = 1
-    return ids, mask
+    Returns ``input_ids`` [1, T] (T the sum of the lengths), ``position_ids`` [1, T] (each message counts from
+    ``prefix_len``, as it would alone), a boolean attention mask [1, 1, T, prefix_len + T] (True: may attend; every
+    token sees the whole prefix and its own message up to itself) and ``last`` [n], the index of each message's
+    last token in the sequence."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    if (lengths == 0).any():
+        raise ValueError("cannot pack an empty token list")
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long).unsqueeze(0)
+    segment = torch.repeat_interleave(torch.arange(len(seqs)), lengths)  # [T]: which message each token is
+    ends = torch.cumsum(lengths, 0)
+    starts = ends - lengths
+    position = torch.arange(len(segment)) - starts[segment] + prefix_len
+    own = (segment[:, None] == segment[None, :]) & torch.ones(len(segment), len(segment), dtype=torch.bool).tril()
+    mask = torch.cat([torch.ones(len(segment), prefix_len, dtype=torch.bool), own], dim=1)
+    return ids, position.unsqueeze(0), mask[None, None], ends - 1

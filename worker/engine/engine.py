@@ -19,6 +19,7 @@ import torch
 from worker import prompts
 from worker.engine import cpu, loading
 from worker.engine.adapter import SentimentAdapter
+from worker.engine.attention import use_packed_attention
 from worker.engine.head import SentimentHead
 from worker.engine.identity import ModelIdentity, identify
 from worker.engine.loading import LoadReport
@@ -71,6 +72,7 @@ class Engine:
         self._identity = identify(s.model, loaded.model, loaded.fingerprint)
         self.model = cpu.tune(loaded.model, s, dtype)
         loaded.model = None
+        use_packed_attention(self.model)
         if s.sentiment_adapter is not None:
             self.adapter = self._load_adapter(s.sentiment_adapter)
         self._sentiment = SentimentPipeline(self.tokenizer, self.model, self.few_shot, self.adapter)

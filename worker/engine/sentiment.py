@@ -6,8 +6,9 @@ key/value cache is kept (:class:`SentimentPipeline` construction). With a sentim
 Then, for a list of messages:
 
 - **preprocess**: each message becomes its own tokens (cut to the token budget) followed by the prompt's suffix;
-  messages are grouped by length and right-padded into batches (:mod:`worker.engine.batching`).
-- **forward**: the decoder runs a batch on a copy of the prefix cache; we keep the final hidden state at each
+  messages are packed one after another into passes of at most a token budget, each token seeing the prefix and
+  its own message only (:mod:`worker.engine.batching`): no padding, and one pass where padded batches needed several.
+- **forward**: the decoder runs a pass on a copy of the prefix cache; we keep the final hidden state at each
   message's last token, and the inner layers' states a head asks for.
 - **postprocess**: two rows of the LM head (the label words' first tokens) turn a hidden state into two logits
   (two dot products instead of a vocabulary-wide projection); :meth:`SentimentPipeline.sentiments` turns scores into
@@ -28,7 +29,7 @@ import torch
 
 from worker import prompts
 from worker.engine.adapter import SentimentAdapter
-from worker.engine.batching import length_batches, right_pad
+from worker.engine.batching import pack, pack_batches
 from worker.errors import ModelLoadError
 from worker.schemas import Sentiment
 
@@ -49,12 +50,18 @@ class Scores:
 
 @dataclass
 class Batch:
-    """Messages ready for one forward pass on the cached prefix."""
+    """Messages packed for one forward pass on the cached prefix (:func:`worker.engine.batching.pack`)."""
 
     rows: list[int]  # the position of each message in the list being scored
-    input_ids: torch.Tensor  # [n, longest], right-padded
-    attention_mask: torch.Tensor  # [n, prefix + longest]
+    input_ids: torch.Tensor  # [1, T]: the messages' tokens one after another
+    position_ids: torch.Tensor  # [1, T]: each message's positions as it would have them alone
+    attention_mask: torch.Tensor  # [1, 1, T, prefix + T] boolean: the prefix and the token's own message
     last: torch.Tensor  # [n]: the index of each message's last token in input_ids
+
+    @property
+    def lengths(self) -> list[int]:
+        """Each message's token count (for :mod:`worker.engine.attention`)."""
+        return torch.diff(self.last, prepend=torch.tensor([-1])).tolist()
 
 
 class SentimentPipeline:
@@ -132,49 +139,43 @@ class SentimentPipeline:
 
     def preprocess(self, texts: list[str], batch_size: int, max_tokens: int,
                    batch_tokens: int | None = None) -> list[Batch]:
-        """Messages as batches: sorted by length so padding stays small, cut where lengths jump, and at most
-        ``batch_tokens`` padded message tokens a batch (a lone message excepted)."""
+        """Messages as packed passes of at most ``batch_size`` messages and ``batch_tokens`` tokens (a lone
+        longer message excepted), in their order."""
         encoded = [self.message_ids(t, max_tokens) for t in texts]
         return [self.batch([encoded[i] for i in rows], rows)
-                for rows in length_batches([len(e) for e in encoded], batch_size, batch_tokens)]
+                for rows in pack_batches([len(e) for e in encoded], batch_size, batch_tokens)]
 
     def batch(self, seqs: list[list[int]], rows: list[int]) -> Batch:
-        ids, mask = right_pad(seqs, self.tokenizer.pad_token_id or 0, prefix_len=len(self.prefix_ids))
-        return Batch(rows=rows, input_ids=ids, attention_mask=mask, last=torch.tensor([len(s) - 1 for s in seqs]))
+        ids, positions, mask, last = pack(seqs, prefix_len=len(self.prefix_ids))
+        return Batch(rows=rows, input_ids=ids, position_ids=positions, attention_mask=mask, last=last)
 
     # ------------------------------------------------------------------------------------------- forward
     def run_on_prefix(self, batch: Batch, **kw: Any) -> Any:
         """The decoder's output for a batch on top of the cached prefix; ``kw`` goes to the decoder
         (e.g. ``output_hidden_states=True`` for experiments on other layers)."""
-        # The forward pass appends to the cache it is given: hand it a copy, widened to the batch.
-        cache = copy.deepcopy(self.prefix_cache)
-        if len(batch.rows) > 1:
-            cache.batch_repeat_interleave(len(batch.rows))
+        # The forward pass appends to the cache it is given: hand it a copy (one row: the pass is one sequence).
         with torch.inference_mode(), self.adapted():
-            return self.decoder(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True, cache=cache, **kw
-            )
+            return self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                attention_mask=batch.attention_mask, packed_lengths=batch.lengths, use_cache=True,
+                                cache=copy.deepcopy(self.prefix_cache), **kw)
 
     def train_logits(self, batch: Batch, prefix_cache: Any) -> torch.Tensor:
         """The two label logits [n, 2] of a batch with autograd on, for training the adapter: ``prefix_cache``
         from ``compute_prefix(trainable=True)`` (left unchanged; gradients do not flow into it)."""
-        cache = copy.deepcopy(prefix_cache)
-        if len(batch.rows) > 1:
-            cache.batch_repeat_interleave(len(batch.rows))
         with self.adapted():
-            out = self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True,
-                               cache=cache)
-        return self.postprocess(out.last_hidden_state[torch.arange(len(batch.rows)), batch.last].float())
+            out = self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                               attention_mask=batch.attention_mask, packed_lengths=batch.lengths, use_cache=True,
+                               cache=copy.deepcopy(prefix_cache))
+        return self.postprocess(out.last_hidden_state[0, batch.last].float())
 
     def forward(self, batch: Batch, layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The final hidden state at each message's last token [n, H], and the states of ``layers`` there."""
         # Inner states cost nothing extra to compute: the decoder only keeps references to them.
         out = self.run_on_prefix(batch, **({"output_hidden_states": True} if layers else {}))
         with torch.inference_mode():
-            rows = torch.arange(len(batch.rows))
-            hidden = out.last_hidden_state[rows, batch.last].float()  # after the final norm
+            hidden = out.last_hidden_state[0, batch.last].float()  # after the final norm
             # hidden_states[0] is the embedding output, [k] the output of decoder layer k
-            states = {k: out.hidden_states[k][rows, batch.last].float() for k in layers}
+            states = {k: out.hidden_states[k][0, batch.last].float() for k in layers}
         return hidden, states
 
     # ------------------------------------------------------------------------------------------- postprocess
