@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -72,7 +72,23 @@ def packed_kernels_only() -> Iterator[None]:
 
 def _dequantises(module: torch.nn.Module, rows: int) -> bool:
     return (rows >= DEQUANT_ROWS and module.in_features * module.out_features <= DEQUANT_MAX_WEIGHTS
-            and not _packed_only.get())
+            and not _packed_only.get() and (not isinstance(module, Int4Linear) or int4_layout_ok()))
+
+
+def _linear(module: Int8Linear | Int4Linear, x: torch.Tensor,
+            kernel: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``x`` [..., in] through a quantised layer: one GEMM on its dequantised weight for many rows, else its packed
+    ``kernel`` (bf16 [rows, in] -> [rows, out]), with the bias added in the activations' dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if _dequantises(module, x2.shape[0]):
+        y = torch.nn.functional.linear(x2, module.dequantized(x.dtype), module.bias)
+    else:
+        # The kernels refuse a strided view (a batch's attention output reaches o_proj as one).
+        y = kernel(x2.to(KERNEL_DTYPE).contiguous()).to(x.dtype)
+        if module.bias is not None:
+            y = y + module.bias
+    return y.reshape(*shape[:-1], module.out_features)
 
 
 _scratch = threading.local()  # per thread: two threads' forward passes must not share one buffer
@@ -117,14 +133,7 @@ class Int8Linear(torch.nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if _dequantises(self, x2.shape[0]):
-            y = torch.nn.functional.linear(x2, self.dequantized(x.dtype), self.bias)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales)
-            y = y.to(x.dtype) if self.bias is None else y.to(x.dtype) + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return _linear(self, x, lambda xk: torch.ops.aten._weight_int8pack_mm(xk, self.qweight, self.scales))
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole weight [out, in] in ``dtype`` (in a reused buffer outside autograd: use it before the next)."""
@@ -216,16 +225,8 @@ class Int4Linear(torch.nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if _dequantises(self, x2.shape[0]) and int4_layout_ok():
-            y = torch.nn.functional.linear(x2, self.dequantized(x.dtype), self.bias)
-        else:
-            # The kernel refuses a strided view (a batch's attention output reaches o_proj as one).
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE).contiguous(), self.qweight,
-                                                          self.group, self.scales_zeros)
-            y = y.to(x.dtype) if self.bias is None else y.to(x.dtype) + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return _linear(self, x, lambda xk: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            xk, self.qweight, self.group, self.scales_zeros))
 
     def dequantized(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
         """The weight [out, in] (or the rows of a slice whose bounds are multiples of 64) in ``dtype``: the
