@@ -6,7 +6,7 @@ by tens of percent between runs on a shared machine. What it measures:
 1. naive: the reference recipe — ``generate(max_new_tokens=10)`` over the whole sentiment prompt, then a substring
    search for a label word in the answer — one message at a time;
 2. single: the product's sentiment path (cached prompt prefix, two LM-head rows), one message at a time;
-3. bulk: the same path on right-padded, length-sorted batches;
+3. bulk: the same path on all the messages at once, packed into passes (no padding);
 4. reply: time to first token and greedy decode rate of a reply of ``--reply-tokens`` tokens;
 5. load: cold (GGUF conversion; only when no converted cache exists, or with ``--cold``) and warm (from the cache),
    each in a fresh subprocess, and the peak RSS of a worker-like process (load, a batch of sentiment, a reply);
@@ -220,7 +220,7 @@ def format_table(r: dict[str, Any]) -> str:
         ("naive generate, one at a time", f"{r['naive_messages_per_second']:.2f} msg/s"),
         ("plain forward, one at a time", f"{r['plain_messages_per_second']:.2f} msg/s"),
         ("single (cached prefix)", single),
-        (f"bulk (batches of {r['sentiment_batch_size']})", bulk),
+        (f"bulk (passes of up to {r['sentiment_batch_size']} messages)", bulk),
         ("labels fast = plain", f"{a['labels_fast_vs_plain']:.1%} ({diffs})"),
         ("labels naive = fast", f"{a['labels_naive_vs_fast']:.1%} ({a['naive_unparsed']:.0%} of naive unparsed)"),
         ("reply first token", f"{r['reply_first_token_seconds']:.2f} s ({r['reply_prompt_tokens']}-token prompt)"),
