@@ -38,7 +38,7 @@ PROJECTIONS = {"attn": ATTENTION, "mlp": MLP, "all": ATTENTION + MLP}
 
 
 def batches(engine: Any, examples: list[Example], batch_size: int, max_tokens: int, rng: random.Random) -> list:
-    """One epoch's batches: a seeded shuffle, then messages of similar length grouped (little padding)."""
+    """One epoch's batches: a seeded shuffle, then messages of similar length grouped (passes of even size)."""
     order = list(range(len(examples)))
     rng.shuffle(order)
     ids = {i: engine.sentiment.message_ids(examples[i].text, max_tokens) for i in order}
