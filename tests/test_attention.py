@@ -47,3 +47,17 @@ def test_lengths_that_do_not_add_up_are_refused():
 def test_the_engine_runs_its_model_on_packed_attention(tiny_engine):
     # Replies and plain passes go through it too, as transformers' SDPA (tests/test_reply.py, test_sentiment.py)
     assert tiny_engine.model.config._attn_implementation == NAME
+
+
+def test_a_model_on_another_attention_implementation_scores_the_same_through_the_mask(tiny_engine):
+    # Given the tiny model switched back to transformers' own SDPA: packed passes then rely on the mask alone
+    texts = ["good", "a much longer and rather negative message about the room", "ok"]
+    packed = tiny_engine.score(texts)
+    model = tiny_engine.model
+    model.set_attn_implementation("sdpa")
+    try:
+        assert tiny_engine.sentiment._packed(tiny_engine.sentiment.preprocess(texts, 8, 64)[0]) == {}
+        masked = tiny_engine.score(texts)
+    finally:
+        model.set_attn_implementation(NAME)
+    torch.testing.assert_close(masked.label_logits, packed.label_logits, atol=1e-4, rtol=1e-4)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from worker import prompts
+from worker.engine import attention
 from worker.engine.adapter import SentimentAdapter
 from worker.engine.batching import pack, pack_batches
 from worker.errors import ModelLoadError
@@ -150,22 +151,29 @@ class SentimentPipeline:
         return Batch(rows=rows, input_ids=ids, position_ids=positions, attention_mask=mask, last=last)
 
     # ------------------------------------------------------------------------------------------- forward
+    def _packed(self, batch: Batch) -> dict[str, Any]:
+        """The keyword that turns on message-by-message attention (:mod:`worker.engine.attention`), for a model
+        running it; any other attention implementation gets the mask alone."""
+        if getattr(self.model.config, "_attn_implementation", None) != attention.NAME:
+            return {}
+        return {"packed_lengths": batch.lengths}
+
     def run_on_prefix(self, batch: Batch, **kw: Any) -> Any:
         """The decoder's output for a batch on top of the cached prefix; ``kw`` goes to the decoder
         (e.g. ``output_hidden_states=True`` for experiments on other layers)."""
         # The forward pass appends to the cache it is given: hand it a copy (one row: the pass is one sequence).
         with torch.inference_mode(), self.adapted():
             return self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                attention_mask=batch.attention_mask, packed_lengths=batch.lengths, use_cache=True,
-                                cache=copy.deepcopy(self.prefix_cache), **kw)
+                                attention_mask=batch.attention_mask, use_cache=True,
+                                cache=copy.deepcopy(self.prefix_cache), **self._packed(batch), **kw)
 
     def train_logits(self, batch: Batch, prefix_cache: Any) -> torch.Tensor:
         """The two label logits [n, 2] of a batch with autograd on, for training the adapter: ``prefix_cache``
         from ``compute_prefix(trainable=True)`` (left unchanged; gradients do not flow into it)."""
         with self.adapted():
             out = self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                               attention_mask=batch.attention_mask, packed_lengths=batch.lengths, use_cache=True,
-                               cache=copy.deepcopy(prefix_cache))
+                               attention_mask=batch.attention_mask, use_cache=True, cache=copy.deepcopy(prefix_cache),
+                               **self._packed(batch))
         return self.postprocess(out.last_hidden_state[0, batch.last].float())
 
     def forward(self, batch: Batch, layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
