@@ -57,11 +57,19 @@ AttentionInterface.register(NAME, packed_sdpa_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks of ordinary passes: SDPA's
 
 
+def _implementation(model: Any) -> str | None:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def runs_packed(model: Any) -> bool:
+    """Whether ``model`` runs :func:`packed_sdpa_attention` (a pass may then pass ``packed_lengths``)."""
+    return _implementation(model) == NAME
+
+
 def use_packed_attention(model: Any) -> bool:
     """Switch ``model`` from SDPA to :func:`packed_sdpa_attention` (the same numbers outside packed passes);
     False, and nothing changed, for a model on another implementation (its packed passes use the mask)."""
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    if _implementation(model) != "sdpa":
         return False
     model.set_attn_implementation(NAME)
-    return config._attn_implementation == NAME
+    return runs_packed(model)

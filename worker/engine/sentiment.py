@@ -154,7 +154,7 @@ class SentimentPipeline:
     def _packed(self, batch: Batch) -> dict[str, Any]:
         """The keyword that turns on message-by-message attention (:mod:`worker.engine.attention`), for a model
         running it; any other attention implementation gets the mask alone."""
-        if getattr(self.model.config, "_attn_implementation", None) != attention.NAME:
+        if not attention.runs_packed(self.model):
             return {}
         return {"packed_lengths": batch.lengths}
 
