@@ -13,7 +13,7 @@ from worker.engine import Engine, quant
 from worker.engine.quant import (
     DEQUANT_ROWS,
     Int4Linear,
-    Int8Embedding,
+    QuantEmbedding,
     Int8Linear,
     packed_kernels_only,
     quantize_model,
@@ -78,15 +78,18 @@ def test_a_quantised_layer_computes_its_dequantised_weights_linear(cls):
 
 def test_unpack_int4_reads_the_kernels_packing_back(tmp_path):
     # torch packs in blocks of 64 rows under AVX-512, 32 under AVX2 and in pairs in the scalar build: each layout,
-    # as far as this CPU can run it (ATEN_CPU_CAPABILITY only lowers it), full blocks and a partial one
+    # as far as this CPU can run it (ATEN_CPU_CAPABILITY only lowers it), full blocks and a partial one, whole
+    # (unpack_int4) and row by row in any order (int4_rows, an embedding lookup)
     code = (
         "import torch\n"
-        "from worker.engine.quant import unpack_int4, int4_layout_ok\n"
+        "from worker.engine.quant import int4_rows, unpack_int4, int4_layout_ok\n"
         "g = torch.Generator().manual_seed(0)\n"
         "for n, k in [(64, 32), (80, 64), (16, 32), (4864, 96), (208, 128)]:\n"
         "    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)\n"
         "    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)\n"
         "    assert torch.equal(unpack_int4(p, n, k).T.to(torch.int32), q), (n, k)\n"
+        "    rows = torch.cat([torch.randperm(n, generator=g), torch.tensor([n - 1, 0, n - 1])])\n"
+        "    assert torch.equal(int4_rows(p, n, k, rows).to(torch.int32), q[rows]), (n, k)\n"
         "assert int4_layout_ok()\n"
         "print(torch.backends.cpu.get_cpu_capability())\n"
     )
@@ -119,16 +122,22 @@ def test_each_quantised_mode_loads_classifies_and_replies(tiny_model_dir, tmp_pa
     # Given the tiny model loaded in float32 and in a quantised mode
     ref = engine_for(tiny_model_dir, tmp_path, quantize="none")
     engine = engine_for(tiny_model_dir, tmp_path, quantize=mode)
-    # Then every Linear (the tied LM head too) is quantised, the embedding table is int8 rows (an int8 head's own:
-    # the model is tied; the tiny vocabulary cannot be packed in int4, so its head is int8 in both modes), and the
-    # identity is the float model's
+    # Then every Linear (the tied LM head too) is quantised in the mode, the embedding reads the head's rows (the
+    # model is tied), and the identity is the float model's
     assert engine.report is not None and engine.report.quantize == mode
     assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) for m in engine.model.modules())
-    emb = engine.model.get_input_embeddings()
-    assert isinstance(engine.model.get_output_embeddings(), Int8Linear)
+    emb, head = engine.model.get_input_embeddings(), engine.model.get_output_embeddings()
+    kind = Int4Linear if mode == "int4" else Int8Linear
+    assert isinstance(head, kind)
     body = [m for n, m in engine.model.named_modules() if n.startswith("model.layers.")]
     assert any(isinstance(m, Int4Linear) for m in body) == (mode == "int4")
-    assert isinstance(emb, Int8Embedding) and emb.tied_to is engine.model.get_output_embeddings()
+    assert isinstance(emb, QuantEmbedding) and emb.tied_to is head
+    # An int4 head keeps the two label rows as the float model has them: sentiment reads those
+    labels = list(engine.sentiment.label_ids)
+    float_rows = ref.model.get_output_embeddings().weight[labels].float()
+    if mode == "int4":
+        assert head.kept_ids.tolist() == labels and torch.equal(engine.sentiment.label_weights, float_rows)
+        assert not torch.equal(head.rows(torch.tensor(labels), torch.float32), float_rows)
     assert engine.report.weights_bytes < ref.report.weights_bytes / 2
     assert engine.identity == ref.identity
     # and it classifies: P(positive) close to float32's. Bound: each weight moves by at most half a quantisation
@@ -150,7 +159,7 @@ def test_each_quantised_mode_loads_classifies_and_replies(tiny_model_dir, tmp_pa
 def test_the_int8_embedding_looks_up_its_rounded_rows_and_a_tied_one_reads_the_head():
     torch.manual_seed(0)
     table, ids = torch.randn(40, 16), torch.tensor([[0, 5, 39], [7, 7, 1]])
-    emb = Int8Embedding.from_weight(table, torch.float32)
+    emb = QuantEmbedding.from_weight(table, torch.float32)
     # Each row is within half a step (1/254 of its largest value) of the float row, plus its bf16 scale's rounding
     # (2^-9 relative), and the lookup returns them
     rows = emb.weight_rows(list(range(40)))
@@ -158,8 +167,24 @@ def test_the_int8_embedding_looks_up_its_rounded_rows_and_a_tied_one_reads_the_h
     torch.testing.assert_close(emb(ids), rows[ids])
     # A table tied to an int8 head quantised from it reads the same numbers and holds no tensor of its own
     head = Int8Linear.from_weight(table, None, torch.float32)
-    tied = Int8Embedding.tied(head)
+    tied = QuantEmbedding.tied(head)
     assert list(tied.buffers()) == [] and torch.equal(tied(ids), emb(ids))
+
+
+def test_an_int4_head_gives_its_rows_as_its_kernel_computes_them_and_a_tied_embedding_reads_them():
+    torch.manual_seed(2)
+    table, ids = torch.randn(208, 64), torch.tensor([[0, 63, 64, 207], [191, 192, 5, 5]])
+    head = Int4Linear.from_weight(table, None, torch.float32)
+    # The rows are those the kernel multiplies by: the identity through the kernel reads them back (to its bf16
+    # output; how close they are to the float rows is the layer test's)
+    through_kernel = head(torch.eye(64)).T
+    rows = head.weight_rows(list(range(208)))
+    torch.testing.assert_close(rows, through_kernel, rtol=2**-8, atol=1e-6)
+    # A tied embedding looks them up ([2, 4] ids -> [2, 4, 64]) in the activations' dtype, holding nothing itself
+    tied = QuantEmbedding.tied(head)
+    assert list(tied.buffers()) == [] and torch.equal(tied(ids), rows[ids])
+    half = QuantEmbedding.tied(Int4Linear.from_weight(table, None, torch.bfloat16))
+    assert half(ids).dtype == torch.bfloat16
 
 
 def test_auto_is_int4_unless_a_dtype_is_named():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 # The labels as the model is asked to answer them, in the order of ``LABELS``.
 LABEL_WORDS: tuple[str, str] = ("Positive", "Negative")
@@ -49,6 +50,17 @@ def sentiment_messages(text: str, few_shot: Sequence[tuple[str, str]] = FEW_SHOT
         msgs.append({"role": "assistant", "content": LABEL_WORDS[LABELS.index(label)]})
     msgs.append({"role": "user", "content": SENTIMENT_USER_HEAD + text})
     return msgs
+
+
+def label_token_ids(tokenizer: Any) -> list[int]:
+    """The first token of each label word (``LABEL_WORDS`` order): the two LM-head rows sentiment is scored by.
+    A word the tokenizer gives no token for is skipped (the sentiment pipeline refuses such a tokenizer)."""
+    out = []
+    for word in LABEL_WORDS:
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if ids:
+            out.append(int(ids[0]))
+    return out
 
 
 def prompt_fingerprint(few_shot: Sequence[tuple[str, str]] | None = None) -> str:

@@ -95,11 +95,17 @@ class Settings(BaseSettings):
         "auto",
         description="Weight-only quantisation of every linear layer and of the embedding table (activations stay "
         "in the dtype). int8: one scale per output channel, accuracy of float32 and several times faster decode; "
-        "int4: groups of 32 with the LM head kept int8, faster decode still, within half a point of float32's "
-        "sentiment accuracy; none: plain weights. auto: int4, or none when ALLINONE_DTYPE names a dtype (so float32 "
+        "int4: groups of 32, the LM head too (its two sentiment label rows kept in float32), faster decode still, "
+        "within half a point of float32's sentiment accuracy; none: plain weights. auto: int4, or none when ALLINONE_DTYPE names a dtype (so float32 "
         "stays forceable).",
     )
     threads: int = Field(default_factory=_default_threads, ge=1, le=256, description="torch intra-op threads.")
+    compile_decode: bool = Field(
+        False,
+        description="Compile the reply's one-token decode step with torch.compile at load: faster replies (fewer "
+        "Python calls, fused element-wise ops), about a minute more to start the first time; needs a C++ compiler "
+        "(without one the worker logs it and decodes eagerly).",
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off: safer).")
 
     # --- Sentiment -----------------------------------------------------------------------------------------
@@ -195,9 +201,9 @@ class Settings(BaseSettings):
     def resolved_quantize(self) -> str:
         """The quantisation mode to load: ``auto`` is int4 unless a dtype was named explicitly.
 
-        int4 (the LM head int8) is the fastest mode whose sentiment accuracy on the 1,000-item zh and en test sets
-        is within 0.5 point of float32's (+0.2 / -0.5 on the 0.5B stand-in; int8: -0.3 / +0.1), with replies as
-        likely as int8's within a few percent (docs/benchmark.md)."""
+        int4 (the LM head too, its label rows kept in float32) is the fastest mode whose sentiment accuracy on the
+        1,000-item zh and en test sets is within 0.5 point of float32's (+0.5 / -0.4 on the 0.5B stand-in; int8:
+        -0.3 / +0.1), with replies as likely as int8's within a few percent (docs/benchmark.md)."""
         if self.quantize != "auto":
             return self.quantize
         return "int4" if self.dtype == "auto" else "none"

@@ -340,7 +340,7 @@ def build_tiny_model(dest: Path, seed: int = 0, init_std: float = 0.02) -> Path:
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tok),
+        vocab_size=-(-len(tok) // 16) * 16,  # padded to the int4 kernel's multiple, as real vocabularies are
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

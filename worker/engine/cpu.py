@@ -53,14 +53,14 @@ def return_freed_memory() -> None:
         log.debug("mallopt(M_MMAP_THRESHOLD) refused")
 
 
-def tune(model: Any, settings: Settings, dtype: str) -> Any:
-    """The model to run: weight-only quantised when asked (a GGUF arrives already quantised), else with bf16
-    Linears packed where the CPU has bf16."""
+def tune(model: Any, settings: Settings, dtype: str, keep_rows: list[int] | tuple[int, ...] = ()) -> Any:
+    """The model to run: weight-only quantised when asked (a GGUF arrives already quantised; ``keep_rows``: LM-head
+    rows an int4 head keeps at full precision), else with bf16 Linears packed where the CPU has bf16."""
     model.eval()
     model.requires_grad_(False)
     mode = settings.resolved_quantize()
     if mode in quant.MODES:
-        n = quant.quantize_model(model, mode, next(model.parameters()).dtype)
+        n = quant.quantize_model(model, mode, next(model.parameters()).dtype, keep_rows)
         if n:
             log.info("quantised %d linear layers to %s weights", n, mode)
         return model

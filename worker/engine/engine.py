@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from worker import prompts
-from worker.engine import cpu, loading
+from worker.engine import compiled_decode, cpu, loading
 from worker.engine.adapter import SentimentAdapter
 from worker.engine.attention import use_packed_attention
 from worker.engine.head import SentimentHead
@@ -70,7 +70,7 @@ class Engine:
         loaded = loading.load_weights(s, dtype)
         self.tokenizer = loaded.tokenizer
         self._identity = identify(s.model, loaded.model, loaded.fingerprint)
-        self.model = cpu.tune(loaded.model, s, dtype)
+        self.model = cpu.tune(loaded.model, s, dtype, keep_rows=prompts.label_token_ids(self.tokenizer))
         loaded.model = None
         use_packed_attention(self.model)
         if s.sentiment_adapter is not None:
@@ -79,6 +79,9 @@ class Engine:
         self._replier = Replier(self.tokenizer, self.model)
         if s.sentiment_head is not None:
             self.head = self._load_head(s.sentiment_head)
+        if s.compile_decode and compiled_decode.compile_decode(self.model):
+            ids, _ = self._replier.prompt_ids([], "hello", s)
+            compiled_decode.warm_up(self.model, ids, self._replier.pad_id)
         self.report = LoadReport(
             model=s.model,
             source=loaded.source,
@@ -91,6 +94,7 @@ class Engine:
             prefix_tokens=len(self._sentiment.prefix_ids),
             quantize=s.resolved_quantize(),
             identity=self._identity,
+            compiled_decode=compiled_decode.is_compiled(self.model),
         )
         r = self.report
         log.info(

@@ -20,30 +20,33 @@ from typing import Any
 
 import torch
 
+from worker import prompts
 from worker.engine import quant
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "quantized.safetensors"
 # The layout of the cached state; part of the cache folder's name, so a cache of another layout is never read.
-FORMAT = 4  # 2: int8 embedding table, fingerprint in the metadata; 3: the LM head int8 in int4 mode;
-# 4: scales in the kernels' dtype (bf16) whatever the activations' dtype
+FORMAT = 5  # 2: int8 embedding table, fingerprint in the metadata; 3: the LM head int8 in int4 mode;
+# 4: scales in the kernels' dtype (bf16) whatever the activations' dtype; 5: the LM head int4 in int4 mode, with the
+# sentiment label rows kept in float32
 
 
-def skeleton(config: Any, mode: str, dtype: torch.dtype) -> Any:
+def skeleton(config: Any, mode: str, dtype: torch.dtype, kept: int = 0) -> Any:
     """The model on the meta device (no memory) with empty quantised layers in place of its Linears and of its token
-    embedding (which reads the head's rows when the two are tied and the head is int8)."""
+    embedding (which reads the head's rows when the two are tied). ``kept``: rows an int4 head keeps at full
+    precision."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     emb, head_name = model.get_input_embeddings(), quant.head_name(model)
     for name in quant.linear_names(model):
-        layer_mode = quant.layer_mode(mode, name, head_name)
-        quant.replace(model, name, quant.empty_quantized(layer_mode, model.get_submodule(name), dtype))
-    head = quant.tied_int8_head(model)
-    model.set_input_embeddings(quant.Int8Embedding.tied(head) if head is not None
-                               else quant.Int8Embedding(emb.num_embeddings, emb.embedding_dim, dtype, device="meta"))
+        quant.replace(model, name, quant.empty_quantized(mode, model.get_submodule(name), dtype,
+                                                         kept if name == head_name else 0))
+    head = quant.tied_quant_head(model)
+    model.set_input_embeddings(quant.QuantEmbedding.tied(head) if head is not None
+                               else quant.QuantEmbedding(emb.num_embeddings, emb.embedding_dim, dtype, device="meta"))
     return model
 
 
@@ -96,9 +99,10 @@ def convert(gguf: Path, mode: str, dtype: torch.dtype) -> tuple[Any, Any, dict[s
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    keep = prompts.label_token_ids(tokenizer)  # the LM-head rows sentiment reads, kept at full precision
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = skeleton(config, mode, dtype)
+    model = skeleton(config, mode, dtype, kept=len(keep))
     linears, head = set(quant.linear_names(plain)), quant.head_name(plain)
     state: dict[str, torch.Tensor] = {}
     embedding_param = next(n for n, p in plain.named_parameters() if p is plain.get_input_embeddings().weight)
@@ -107,19 +111,19 @@ def convert(gguf: Path, mode: str, dtype: torch.dtype) -> tuple[Any, Any, dict[s
     for name, t in gguf_tensors(gguf, plain):
         layer, _, kind = name.rpartition(".")
         if kind == "weight" and layer in linears:
-            q = quant.quantized(quant.layer_mode(mode, layer, head), t, None, dtype)
+            q = quant.quantized(mode, t, None, dtype, keep if layer == head else ())
             state.update({f"{layer}.{k}": v for k, v in q.state_dict().items() if k != "bias"})
         elif name == embedding_param:
             embedding = t  # float32: a tied head's own quantised copy, and the fingerprint
             if model.get_input_embeddings().tied_to is None:
-                e = quant.Int8Embedding.from_weight(t, dtype)
+                e = quant.QuantEmbedding.from_weight(t, dtype)
                 state.update({f"{emb_module}.{k}": v for k, v in e.state_dict().items()})
         else:
             state[name] = t.to(dtype)
     if embedding is None:
         raise RuntimeError("the GGUF has no token embedding")
     if head is not None and f"{head}.qweight" not in state:
-        q = quant.quantized(quant.layer_mode(mode, head, head), embedding, None, dtype)
+        q = quant.quantized(mode, embedding, None, dtype, keep)
         state.update({f"{head}.{k}": v for k, v in q.state_dict().items() if k != "bias"})
     del plain
     materialize(model, state)
@@ -162,8 +166,9 @@ def load(gguf: Path, cached: Path, mode: str, dtype: torch.dtype) -> tuple[Any, 
 
     if (cached / "config.json").is_file():
         config = AutoConfig.from_pretrained(str(cached))
-        model = skeleton(config, mode, dtype)
         state, metadata = read_aligned(cached / WEIGHTS_FILE)
+        kept = next((t.numel() for name, t in state.items() if name.endswith(".kept_ids")), 0)
+        model = skeleton(config, mode, dtype, kept)
         materialize(model, state)
         return AutoTokenizer.from_pretrained(str(cached)), model, True, metadata["fingerprint"]
     log.info("converting %s once (%s weights); next start loads %s", gguf.name, mode, cached)

@@ -43,6 +43,7 @@ class LoadReport:
     prefix_tokens: int
     quantize: str
     identity: ModelIdentity
+    compiled_decode: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

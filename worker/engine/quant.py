@@ -13,12 +13,13 @@ Generation stays on the packed kernels (:func:`packed_kernels_only`).
 
 - :class:`Int8Linear`: one scale per output channel, ``aten._weight_int8pack_mm``.
 - :class:`Int4Linear`: a scale and an offset per group of input channels, ``aten._weight_int4pack_mm_for_cpu``.
-  In ``int4`` mode the LM head stays :class:`Int8Linear` (:func:`layer_mode`), as llama.cpp's Q4_K_M keeps its
-  output layer at 6–8 bits: the sentiment labels are two of its rows, and on the stand-in an all-4-bit model moved
-  English test accuracy 0.6 point below float32's.
-- :class:`Int8Embedding`: the token-embedding table in int8 rows with one scale each (the table is 136 M of a
-  0.5B model's parameters; in bf16 it alone was 272 MiB). A table tied to an int8 LM head reads the head's own
-  rows: the same numbers, kept once.
+  In ``int4`` mode the LM head is 4-bit too: it is 136 M of a 0.5B model's parameters, and at one token a step the
+  int8 head took 11 ms of a 38 ms step where the int4 one takes 4.5 ms. It keeps the sentiment label rows at full
+  precision beside the 4-bit ones: on the stand-in, scoring through 4-bit label rows moved English test accuracy
+  1.0 point below float32's, through the kept rows 0.4 (docs/benchmark.md).
+- :class:`QuantEmbedding`: the token-embedding table in int8 rows with one scale each (the table is 136 M of a
+  0.5B model's parameters; in bf16 it alone was 272 MiB). A table tied to the LM head reads the head's own rows
+  (int8 or int4): the same numbers, kept once.
 
 Both take ``x`` [..., in_features] and return [..., out_features] and carry ``in_features``/``out_features``, like
 a Linear, so anything that wraps a linear layer wraps them. Their tensors are buffers: ``state_dict()`` holds them
@@ -140,9 +141,14 @@ class Int8Linear(torch.nn.Module):
         w = _buffer(self.qweight.numel(), dtype, reuse=not torch.is_grad_enabled()).view(self.out_features, -1)
         return w.copy_(self.qweight).mul_(self.scales.to(dtype)[:, None])
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` [r] of the dequantised weight, [r, in] in ``dtype`` (an embedding lookup from a tied head)."""
+        ids = ids.reshape(-1).long()
+        return self.qweight[ids].to(dtype) * self.scales[ids].to(dtype)[:, None]
+
     def weight_rows(self, rows: list[int]) -> torch.Tensor:
         """Rows of the dequantised weight, in float32 (the sentiment label rows of an LM head)."""
-        return self.qweight[rows].float() * self.scales[rows].float()[:, None]
+        return self.rows(torch.tensor(rows), torch.float32)
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,6 +180,34 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int, out: torch.Tensor | None =
     return out
 
 
+def int4_rows(packed: torch.Tensor, n: int, k: int, rows: torch.Tensor) -> torch.Tensor:
+    """The 4-bit values (0..15) of some rows of a packed weight [n, k] (same layout as :func:`unpack_int4`):
+    [len(rows), k] uint8, gathered without unpacking the blocks around them (an embedding lookup reads a
+    few rows of a 151,936-row table)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    vectorised = capability.startswith(("AVX512", "AVX2"))
+    block = 64 if capability.startswith("AVX512") else 32
+    flat, full = packed.reshape(-1), n // block
+    rows = rows.reshape(-1).long()
+    out = torch.empty(len(rows), k, dtype=torch.uint8)
+    in_full = rows < full * block
+    if in_full.any():
+        r = rows[in_full]
+        b, j = r // block, r % block
+        # Within a full block: a vectorised build keeps the first half of the rows in the low nibbles, a scalar one
+        # keeps row pairs (2i low, 2i+1 high).
+        col, high = (j % (block // 2), j >= block // 2) if vectorised else (j // 2, j % 2 == 1)
+        blocks = flat[: full * k * block // 2].view(full, k, block // 2)
+        byte = blocks[b, :, col]  # [r, k]
+        out[in_full] = torch.where(high[:, None], byte >> 4, byte & 15)
+    if not in_full.all():
+        r = rows[~in_full] - full * block
+        tail = flat[full * k * block // 2:].view(k, (n - full * block) // 2)
+        byte = tail[:, r // 2].T  # [r, k]
+        out[~in_full] = torch.where((r % 2 == 1)[:, None], byte >> 4, byte & 15)
+    return out
+
+
 _layout_checked: dict[str, bool] = {}
 
 
@@ -200,24 +234,31 @@ class Int4Linear(torch.nn.Module):
     ``dtype`` is the activations' (and the bias's); scales and offsets are in :data:`KERNEL_DTYPE`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group: int = INT4_GROUP,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, kept: int = 0) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group, self.dtype = in_features, out_features, group, dtype
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales_zeros",
                              torch.empty(in_features // group, out_features, 2, dtype=KERNEL_DTYPE, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        if kept:  # rows kept at full precision beside the 4-bit ones (:meth:`weight_rows`)
+            self.register_buffer("kept_ids", torch.empty(kept, dtype=torch.long, device=device))
+            self.register_buffer("kept_rows", torch.empty(kept, in_features, dtype=torch.float32, device=device))
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                    group: int = INT4_GROUP) -> Int4Linear:
+                    group: int = INT4_GROUP, keep: list[int] | tuple[int, ...] = ()) -> Int4Linear:
+        """``weight`` in 4 bits; the rows ``keep`` also kept as they are (float32), for :meth:`weight_rows`."""
         w = weight.detach().float()
         n, k = w.shape
         wg = w.reshape(n, k // group, group)
         lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
-        m = cls(k, n, bias is not None, dtype, group)
+        m = cls(k, n, bias is not None, dtype, group, kept=len(keep))
+        if keep:
+            m.kept_ids = torch.tensor(list(keep), dtype=torch.long)
+            m.kept_rows = w[list(keep)].clone()
         m.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         # The kernel computes (q - 8) * scale + zero: our offset is the group's minimum, so zero = min + 8 scale.
         m.scales_zeros = torch.stack([scale.T, (lo + 8 * scale).T], dim=-1).to(KERNEL_DTYPE).contiguous()
@@ -228,49 +269,59 @@ class Int4Linear(torch.nn.Module):
         return _linear(self, x, lambda xk: torch.ops.aten._weight_int4pack_mm_for_cpu(
             xk, self.qweight, self.group, self.scales_zeros))
 
-    def dequantized(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
-        """The weight [out, in] (or the rows of a slice whose bounds are multiples of 64) in ``dtype``: the
-        kernel's own arithmetic, ``(q - 8) * scale + zero`` per group. A transposed view of a [in, out] tensor (a
-        reused buffer outside autograd: use it before the next call)."""
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in ``dtype``: the kernel's own arithmetic, ``(q - 8) * scale + zero`` per group. A
+        transposed view of a [in, out] tensor (a reused buffer outside autograd: use it before the next call)."""
         n, k, g = self.out_features, self.in_features, self.group
-        start, stop, _ = rows.indices(n)
-        wt = _buffer((stop - start) * k, dtype, reuse=not torch.is_grad_enabled()).view(k, stop - start)
-        unpack_int4(self.qweight.reshape(-1)[start * k // 2: stop * k // 2], stop - start, k, out=wt)
-        sz = self.scales_zeros[:, start:stop].float()  # [groups, rows, 2]
+        wt = _buffer(n * k, dtype, reuse=not torch.is_grad_enabled()).view(k, n)
+        unpack_int4(self.qweight, n, k, out=wt)
+        sz = self.scales_zeros.float()  # [groups, rows, 2]
         scale = sz[..., 0].to(dtype).unsqueeze(1)  # [groups, 1, rows]
         zero = (sz[..., 1] - 8 * sz[..., 0]).to(dtype).unsqueeze(1)
-        groups = wt.view(k // g, g, stop - start)
+        groups = wt.view(k // g, g, n)
         torch.addcmul(zero, groups, scale, out=groups)  # one pass, in place (elementwise: the overlap is exact)
         return wt.T
 
-    def weight_rows(self, rows: list[int]) -> torch.Tensor:
-        """Rows of the dequantised weight, in float32 (the sentiment label rows when the LM head is int4).
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` [r] of the dequantised weight, [r, in] in ``dtype`` (an embedding lookup from a tied head):
+        the kernel's own arithmetic, ``(q - 8) * scale + zero`` per group, gathered without unpacking the rest."""
+        ids = ids.reshape(-1).long()
+        if not int4_layout_ok():
+            return self._rows_through_kernel(ids).to(dtype)
+        k, g = self.in_features, self.group
+        q = int4_rows(self.qweight, self.out_features, k, ids).view(len(ids), k // g, g).to(dtype)
+        sz = self.scales_zeros[:, ids].transpose(0, 1).float()  # [r, groups, 2]
+        scale, zero = sz[..., 0:1].to(dtype), (sz[..., 1:2] - 8 * sz[..., 0:1]).to(dtype)
+        return torch.addcmul(zero, q, scale).reshape(len(ids), k)
 
-        Unpacked from blocks of 64 rows around each wanted row; where the unpacking does not match this torch, read
-        through the kernel applied to the identity, a slice at a time (the whole head at once is a 272 MiB
-        transient)."""
-        if int4_layout_ok():
-            out = []
-            for r in rows:
-                start = r // 64 * 64
-                out.append(self.dequantized(torch.float32, slice(start, min(start + 64, self.out_features)))[r - start])
-            return torch.stack(out)
+    def weight_rows(self, rows: list[int]) -> torch.Tensor:
+        """Rows of the weight in float32: the kept rows as they were given, any other dequantised. An int4 LM head
+        keeps the sentiment label rows: scored through 4-bit rows, English test accuracy fell 0.6 point, through
+        the kept ones it stays within half a point of float32's (docs/benchmark.md)."""
+        kept = getattr(self, "kept_ids", None)
+        if kept is not None and all(r in kept.tolist() for r in rows):
+            where = {r: i for i, r in enumerate(kept.tolist())}
+            return self.kept_rows[[where[r] for r in rows]].clone()
+        return self.rows(torch.tensor(rows), torch.float32)
+
+    def _rows_through_kernel(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows read through the kernel applied to the identity, a slice at a time (the whole head at once is a
+        272 MiB transient): for a torch whose packing :func:`int4_rows` does not read."""
         eye, cols = torch.eye(self.in_features, dtype=KERNEL_DTYPE), []
         for start in range(0, self.in_features, WEIGHT_ROWS_CHUNK):
             w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye[start:start + WEIGHT_ROWS_CHUNK], self.qweight,
                                                           self.group, self.scales_zeros)
-            cols.append(w[:, rows].float())  # [chunk, len(rows)]
+            cols.append(w[:, ids].float())  # [chunk, len(ids)]
         return torch.cat(cols).T.contiguous()
 
 
-class Int8Embedding(torch.nn.Module):
-    """A token-embedding lookup from int8 rows, each with its own scale (``row = q * scale``).
-
-    ``tied_to``: an :class:`Int8Linear` LM head quantised from the same table (a tied model in int8): the lookup
-    reads the head's rows and holds no tensor of its own."""
+class QuantEmbedding(torch.nn.Module):
+    """A token-embedding lookup from quantised rows: its own int8 table, one scale per row (``row = q * scale``),
+    or, with ``tied_to``, the rows of the LM head quantised from the same table (a tied model: the int8 or int4
+    head's numbers, kept once; the lookup holds no tensor of its own)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None, tied_to: Int8Linear | None = None) -> None:
+                 device: torch.device | str | None = None, tied_to: Int8Linear | Int4Linear | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
         # A plain attribute, not a submodule: the head is the model's own and must not be listed twice.
@@ -281,28 +332,28 @@ class Int8Embedding(torch.nn.Module):
             self.register_buffer("scales", torch.empty(num_embeddings, dtype=KERNEL_DTYPE, device=device))
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int8Embedding:
+    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype) -> QuantEmbedding:
         q = Int8Linear.from_weight(weight, None, dtype)  # one scale per row: the same rounding as an int8 head
         m = cls(q.out_features, q.in_features, dtype)
         m.qweight, m.scales = q.qweight, q.scales
         return m
 
     @classmethod
-    def tied(cls, head: Int8Linear) -> Int8Embedding:
+    def tied(cls, head: Int8Linear | Int4Linear) -> QuantEmbedding:
         return cls(head.out_features, head.in_features, head.dtype, tied_to=head)
 
-    def _table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        src = self.tied_to if self.tied_to is not None else self
-        return src.qweight, src.scales
+    def _rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.tied_to is not None:
+            return self.tied_to.rows(ids, dtype)
+        ids = ids.reshape(-1).long()
+        return self.qweight[ids].to(dtype) * self.scales[ids].to(dtype)[:, None]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        q, scales = self._table()
-        return torch.nn.functional.embedding(ids, q).to(self.dtype) * scales[ids].to(self.dtype).unsqueeze(-1)
+        return self._rows(ids, self.dtype).view(*ids.shape, self.embedding_dim)
 
     def weight_rows(self, rows: list[int]) -> torch.Tensor:
         """Rows of the dequantised table, in float32."""
-        q, scales = self._table()
-        return q[rows].float() * scales[rows].float()[:, None]
+        return self._rows(torch.tensor(rows), torch.float32)
 
 
 def int4_group(in_features: int, out_features: int) -> int | None:
@@ -315,21 +366,23 @@ def int4_group(in_features: int, out_features: int) -> int | None:
     return None
 
 
-def quantized(mode: str, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.nn.Module:
-    """A quantised layer computing ``weight``'s Linear: ``mode`` int8 or int4 (int8 where int4 cannot be packed)."""
+def quantized(mode: str, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+              keep: list[int] | tuple[int, ...] = ()) -> torch.nn.Module:
+    """A quantised layer computing ``weight``'s Linear: ``mode`` int8 or int4 (int8 where int4 cannot be packed).
+    In int4 the rows ``keep`` are also kept at full precision (an int8 row is already within 0.4 % of it)."""
     n, k = weight.shape
     group = int4_group(k, n) if mode == "int4" else None
     if group is not None:
-        return Int4Linear.from_weight(weight, bias, dtype, group)
+        return Int4Linear.from_weight(weight, bias, dtype, group, keep=keep)
     return Int8Linear.from_weight(weight, bias, dtype)
 
 
-def empty_quantized(mode: str, linear: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def empty_quantized(mode: str, linear: torch.nn.Module, dtype: torch.dtype, kept: int = 0) -> torch.nn.Module:
     """An unfilled quantised layer of ``linear``'s shape on the meta device (filled by ``load_state_dict``)."""
     k, n, has_bias = linear.in_features, linear.out_features, linear.bias is not None
     group = int4_group(k, n) if mode == "int4" else None
     if group is not None:
-        return Int4Linear(k, n, has_bias, dtype, group, device="meta")
+        return Int4Linear(k, n, has_bias, dtype, group, device="meta", kept=kept)
     return Int8Linear(k, n, has_bias, dtype, device="meta")
 
 
@@ -343,11 +396,6 @@ def head_name(model: torch.nn.Module) -> str | None:
     return module_name(model, model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None)
 
 
-def layer_mode(mode: str, name: str, head: str | None) -> str:
-    """The quantisation of one linear layer under ``mode``: the LM head (``head``) is int8 in every mode."""
-    return "int8" if name == head else mode
-
-
 def linear_names(model: torch.nn.Module) -> list[str]:
     """Every nn.Linear of ``model`` by qualified name: the layers quantisation replaces (LM head included)."""
     return [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
@@ -358,29 +406,32 @@ def replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantize_model(model: torch.nn.Module, mode: str, dtype: torch.dtype) -> int:
-    """Swap every Linear of ``model`` for its quantised form, and its token embedding for an
-    :class:`Int8Embedding`, in place; returns how many Linears.
+def quantize_model(model: torch.nn.Module, mode: str, dtype: torch.dtype,
+                   keep_rows: list[int] | tuple[int, ...] = ()) -> int:
+    """Swap every Linear of ``model`` for its quantised form, and its token embedding for a
+    :class:`QuantEmbedding`, in place; returns how many Linears. ``keep_rows``: rows of the LM head an int4 head
+    also keeps at full precision (the sentiment label rows).
 
-    A head tied to the embedding gets its own quantised form; in int8 the embedding then reads the head's rows."""
+    A head tied to the embedding gets its own quantised form, and the embedding then reads the head's rows."""
     names, head = linear_names(model), head_name(model)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     emb_weight = getattr(emb, "weight", None)
     for name in names:
         lin = model.get_submodule(name)
-        replace(model, name, quantized(layer_mode(mode, name, head), lin.weight, lin.bias, dtype))
+        replace(model, name, quantized(mode, lin.weight, lin.bias, dtype, keep_rows if name == head else ()))
     if isinstance(emb, torch.nn.Embedding) and emb_weight is not None:
-        tied = tied_int8_head(model)
-        model.set_input_embeddings(Int8Embedding.tied(tied) if tied is not None
-                                   else Int8Embedding.from_weight(emb_weight, dtype))
+        tied = tied_quant_head(model)
+        model.set_input_embeddings(QuantEmbedding.tied(tied) if tied is not None
+                                   else QuantEmbedding.from_weight(emb_weight, dtype))
     return len(names)
 
 
-def tied_int8_head(model: torch.nn.Module) -> Int8Linear | None:
-    """The LM head the token embedding reads its rows from: an int8 head of a model that ties the two, else None."""
+def tied_quant_head(model: torch.nn.Module) -> Int8Linear | Int4Linear | None:
+    """The LM head the token embedding reads its rows from: the quantised head of a model that ties the two, else
+    None."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    return head if tied and isinstance(head, Int8Linear) else None
+    return head if tied and isinstance(head, (Int8Linear, Int4Linear)) else None
 
 
 def embedding_name(model: torch.nn.Module) -> str:

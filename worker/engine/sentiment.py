@@ -74,12 +74,15 @@ class SentimentPipeline:
         self.model = model
         self.few_shot = few_shot
         self.adapter = adapter  # attached to ``model``; on for every sentiment forward pass, the prefix's too
-        self.label_ids: tuple[int, int] = (self._first_token(prompts.LABEL_WORDS[0]),
-                                           self._first_token(prompts.LABEL_WORDS[1]))
+        ids = prompts.label_token_ids(tokenizer)
+        if len(ids) != len(prompts.LABEL_WORDS):
+            raise ModelLoadError(f"the tokenizer produced no token for a label word of {prompts.LABEL_WORDS}")
+        self.label_ids: tuple[int, int] = (ids[0], ids[1])
         if self.label_ids[0] == self.label_ids[1]:
             raise ModelLoadError(f"the label words {prompts.LABEL_WORDS} start with the same token")
         out_emb = model.get_output_embeddings()
-        # A quantised head (worker.engine.quant) has no float weight: it dequantises the rows asked for.
+        # A quantised head (worker.engine.quant) has no float weight: it gives the rows asked for (an int4 head keeps
+        # these two from the float weights).
         rows = getattr(out_emb, "weight_rows", None)
         w = rows(list(self.label_ids)) if rows is not None else out_emb.weight[list(self.label_ids)]
         b = getattr(out_emb, "bias", None)
@@ -111,12 +114,6 @@ class SentimentPipeline:
         """Score with ``adapter`` (attached to this model) from now on, or without one; the prefix is recomputed."""
         self.adapter = adapter
         self.prefix_cache = self.compute_prefix()
-
-    def _first_token(self, word: str) -> int:
-        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ModelLoadError(f"tokenizer produced no token for label word {word!r}")
-        return int(ids[0])
 
     @property
     def decoder(self) -> Any:
@@ -222,13 +219,14 @@ class SentimentPipeline:
         return Scores(label_logits=logits, hidden=hidden, layers=inner)
 
     def score_plain(self, text: str, max_tokens: int) -> Scores:
-        """The reference: the whole prompt in one ordinary forward pass, full LM head, no cache, no batch."""
+        """The reference: the whole prompt in one ordinary forward pass, no cache, no batch, read through the same
+        two label rows (an int4 head's full-precision ones, not its 4-bit logits)."""
         ids = torch.tensor([self.prefix_ids + self.message_ids(text, max_tokens)])
         with torch.inference_mode(), self.adapted():
-            out = self.model(input_ids=ids, output_hidden_states=True)
-        logits = out.logits[0, -1].float()
+            out = self.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][0, -1:].float()  # after the final norm
         return Scores(
-            label_logits=logits[list(self.label_ids)].unsqueeze(0),
-            hidden=out.hidden_states[-1][0, -1:].float(),
+            label_logits=self.postprocess(hidden),
+            hidden=hidden,
             layers={k: out.hidden_states[k][0, -1:].float() for k in range(1, self.num_layers + 1)},
         )
