@@ -38,6 +38,31 @@ def test_message_by_message_equals_the_masked_pass():
     assert not torch.allclose(moved[:, 4:], packed[:, 4:])
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_a_decode_step_computes_what_sdpa_computes_and_each_row_alone_what_it_computes_in_a_batch(mask_kind):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    # Given one new token for each of 3 rows over a 9-position cache, grouped heads, rows 1 and 2 left-padded
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, 4, 1, 8, generator=g), torch.randn(3, 2, 9, 8, generator=g), torch.randn(3, 2, 9, 8, generator=g)
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    allowed = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    allowed[1, ..., :2] = allowed[2, ..., :5] = False
+    mask = {"none": None, "bool": allowed,
+            "float": torch.zeros(3, 1, 1, 9).masked_fill(~allowed, torch.finfo(torch.float32).min)}[mask_kind]
+    # When the step goes through the model's attention (one query per row: the decode path)
+    out, _ = packed_sdpa_attention(module, q, k, v, mask, scaling=0.3)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    # Then it is SDPA's result, in SDPA's layout [B, 1, heads, d]
+    assert out.shape == ref.shape == (3, 1, 4, 8)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # and a row computed alone is bit for bit the row computed in the batch (batched greedy replies rely on it)
+    for row in range(3):
+        alone, _ = packed_sdpa_attention(module, q[row:row + 1], k[row:row + 1], v[row:row + 1],
+                                         None if mask is None else mask[row:row + 1], scaling=0.3)
+        assert torch.equal(alone[0], out[row])
+
+
 def test_lengths_that_do_not_add_up_are_refused():
     module, q, k, v = _inputs([3, 2], 4)
     with pytest.raises(ValueError, match="do not add up"):

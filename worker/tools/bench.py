@@ -155,6 +155,7 @@ def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int =
         "threads": report.threads,
         "dtype": report.dtype,
         "quantize": report.quantize,
+        "compiled_decode": report.compiled_decode,
         "messages": n,
         "rounds": rounds,
         "prefix_tokens": report.prefix_tokens,
@@ -215,7 +216,8 @@ def format_table(r: dict[str, Any]) -> str:
         ("model identity", "{name} [{fingerprint}]".format(**r["model_identity"]) if "model_identity" in r else "-"),
         ("timed rounds (best kept)", str(r.get("rounds", 1))),
         ("cpu / threads", f"{r['cpu_model']} / {r['threads']}"),
-        ("dtype / quantize", f"{r['dtype']} / {r['quantize']}"),
+        ("dtype / quantize / decode", f"{r['dtype']} / {r['quantize']} / "
+                                      f"{'compiled' if r.get('compiled_decode') else 'eager'}"),
         ("messages", msgs),
         ("naive generate, one at a time", f"{r['naive_messages_per_second']:.2f} msg/s"),
         ("plain forward, one at a time", f"{r['plain_messages_per_second']:.2f} msg/s"),
@@ -249,6 +251,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], help="Default: ALLINONE_QUANTIZE.")
     p.add_argument("--reply-batch-size", type=int, help="Rows of a reply batch (default: ALLINONE_REPLY_BATCH_SIZE).")
     p.add_argument("--threads", type=int, help="Default: ALLINONE_THREADS.")
+    p.add_argument("--compile-decode", action="store_true", default=None,
+                   help="Compile the decode step (default: ALLINONE_COMPILE_DECODE).")
     p.add_argument("--batch-size", type=int, help="Bulk batch size (default: ALLINONE_SENTIMENT_BATCH_SIZE).")
     p.add_argument("--messages", type=Path, action="append",
                    help="A JSON Lines file with a 'text' field; repeatable (default: the shipped zh and en dev sets).")
@@ -278,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "quantize": args.quantize,
         "threads": args.threads,
+        "compile_decode": args.compile_decode,
         "sentiment_batch_size": args.batch_size,
         "reply_batch_size": args.reply_batch_size,
     }
