@@ -44,7 +44,8 @@ def test_a_decode_step_computes_what_sdpa_computes_and_each_row_alone_what_it_co
 
     # Given one new token for each of 3 rows over a 9-position cache, grouped heads, rows 1 and 2 left-padded
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(3, 4, 1, 8, generator=g), torch.randn(3, 2, 9, 8, generator=g), torch.randn(3, 2, 9, 8, generator=g)
+    q = torch.randn(3, 4, 1, 8, generator=g)
+    k, v = torch.randn(3, 2, 9, 8, generator=g), torch.randn(3, 2, 9, 8, generator=g)
     module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True)
     allowed = torch.ones(3, 1, 1, 9, dtype=torch.bool)
     allowed[1, ..., :2] = allowed[2, ..., :5] = False

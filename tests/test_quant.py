@@ -13,8 +13,8 @@ from worker.engine import Engine, quant
 from worker.engine.quant import (
     DEQUANT_ROWS,
     Int4Linear,
-    QuantEmbedding,
     Int8Linear,
+    QuantEmbedding,
     packed_kernels_only,
     quantize_model,
 )

@@ -95,9 +95,9 @@ class Settings(BaseSettings):
         "auto",
         description="Weight-only quantisation of every linear layer and of the embedding table (activations stay "
         "in the dtype). int8: one scale per output channel, accuracy of float32 and several times faster decode; "
-        "int4: groups of 32, the LM head too (its two sentiment label rows kept in float32), faster decode still, "
-        "within half a point of float32's sentiment accuracy; none: plain weights. auto: int4, or none when ALLINONE_DTYPE names a dtype (so float32 "
-        "stays forceable).",
+        "int4: groups of 32, the LM head too (its two sentiment label rows kept in float32), faster decode "
+        "still, within half a point of float32's sentiment accuracy; none: plain weights. auto: int4, or none when "
+        "ALLINONE_DTYPE names a dtype (so float32 stays forceable).",
     )
     threads: int = Field(default_factory=_default_threads, ge=1, le=256, description="torch intra-op threads.")
     compile_decode: bool = Field(
