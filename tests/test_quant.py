@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from worker.engine import Engine, quant
+from worker.engine import Engine, int4pack, quant
 from worker.engine.quant import (
     DEQUANT_ROWS,
     Int4Linear,
@@ -82,7 +82,7 @@ def test_unpack_int4_reads_the_kernels_packing_back(tmp_path):
     # (unpack_int4) and row by row in any order (int4_rows, an embedding lookup)
     code = (
         "import torch\n"
-        "from worker.engine.quant import int4_rows, unpack_int4, int4_layout_ok\n"
+        "from worker.engine.int4pack import int4_rows, unpack_int4, int4_layout_ok\n"
         "g = torch.Generator().manual_seed(0)\n"
         "for n, k in [(64, 32), (80, 64), (16, 32), (4864, 96), (208, 128)]:\n"
         "    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)\n"
@@ -109,7 +109,7 @@ def test_an_int4_layer_reads_back_rows_through_the_kernel_when_the_layout_is_unk
     unpacked = q.weight_rows(rows)
     # A torch whose packing this code does not know: rows come back through the kernel (the identity, a chunk of
     # 32 at a time), the same numbers up to the kernel's bf16 output; and calls of many rows stay on the kernel
-    monkeypatch.setitem(quant._layout_checked, torch.backends.cpu.get_cpu_capability(), False)
+    monkeypatch.setitem(int4pack._layout_checked, torch.backends.cpu.get_cpu_capability(), False)
     torch.testing.assert_close(q.weight_rows(rows), unpacked, rtol=2**-8, atol=1e-6)
     x = torch.randn(DEQUANT_ROWS, 96)
     with packed_kernels_only():
