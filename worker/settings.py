@@ -202,7 +202,7 @@ class Settings(BaseSettings):
         """The quantisation mode to load: ``auto`` is int4 unless a dtype was named explicitly.
 
         int4 (the LM head too, its label rows kept in float32) is the fastest mode whose sentiment accuracy on the
-        1,000-item zh and en test sets is within 0.5 point of float32's (+0.5 / -0.4 on the 0.5B stand-in; int8:
+        1,000-item zh and en test sets is within 0.5 point of float32's (+0.1 / -0.5 on the 0.5B stand-in; int8:
         -0.3 / +0.1), with replies as likely as int8's within a few percent (docs/benchmark.md)."""
         if self.quantize != "auto":
             return self.quantize

@@ -16,7 +16,7 @@ Generation stays on the packed kernels (:func:`packed_kernels_only`).
   In ``int4`` mode the LM head is 4-bit too: it is 136 M of a 0.5B model's parameters, and at one token a step the
   int8 head took 11 ms of a 38 ms step where the int4 one takes 4.5 ms. It keeps the sentiment label rows at full
   precision beside the 4-bit ones: on the stand-in, scoring through 4-bit label rows moved English test accuracy
-  1.0 point below float32's, through the kept rows 0.4 (docs/benchmark.md).
+  1.0 point below float32's, through the kept rows 0.5, as with the int8 head (docs/benchmark.md).
 - :class:`QuantEmbedding`: the token-embedding table in int8 rows with one scale each (the table is 136 M of a
   0.5B model's parameters; in bf16 it alone was 272 MiB). A table tied to the LM head reads the head's own rows
   (int8 or int4): the same numbers, kept once.
@@ -222,8 +222,8 @@ class Int4Linear(torch.nn.Module):
 
     def weight_rows(self, rows: list[int]) -> torch.Tensor:
         """Rows of the weight in float32: the kept rows as they were given, any other dequantised. An int4 LM head
-        keeps the sentiment label rows: scored through 4-bit rows, English test accuracy fell 0.6 point, through
-        the kept ones it stays within half a point of float32's (docs/benchmark.md)."""
+        keeps the sentiment label rows: scored through 4-bit rows, English test accuracy fell 1.0 point below
+        float32's, through the kept ones 0.5, as with an int8 head (docs/benchmark.md)."""
         kept = getattr(self, "kept_ids", None)
         if kept is not None and all(r in kept.tolist() for r in rows):
             where = {r: i for i, r in enumerate(kept.tolist())}
