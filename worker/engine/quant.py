@@ -112,6 +112,19 @@ def _buffer(numel: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
     return buf[:numel]
 
 
+def _int8_rows(q: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` of an int8 table with one scale per row, dequantised to ``dtype``: [len(ids), columns]."""
+    ids = ids.reshape(-1).long()
+    return q[ids].to(dtype) * scales[ids].to(dtype)[:, None]
+
+
+def _scale_zero(sz: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int4 layer's ``scales_zeros`` [..., 2] as the factor and offset of ``w = q * scale + zero`` in ``dtype``
+    (the kernel computes ``(q - 8) * scale + zero``)."""
+    sz = sz.float()
+    return sz[..., 0].to(dtype), (sz[..., 1] - 8 * sz[..., 0]).to(dtype)
+
+
 class Int8Linear(torch.nn.Module):
     """``x @ (q * scale).T + bias`` with ``q`` int8 [out, in] and one ``scale`` per output channel.
 
@@ -145,8 +158,7 @@ class Int8Linear(torch.nn.Module):
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` [r] of the dequantised weight, [r, in] in ``dtype`` (an embedding lookup from a tied head)."""
-        ids = ids.reshape(-1).long()
-        return self.qweight[ids].to(dtype) * self.scales[ids].to(dtype)[:, None]
+        return _int8_rows(self.qweight, self.scales, ids, dtype)
 
     def weight_rows(self, rows: list[int]) -> torch.Tensor:
         """Rows of the dequantised weight, in float32 (the sentiment label rows of an LM head)."""
@@ -201,11 +213,10 @@ class Int4Linear(torch.nn.Module):
         n, k, g = self.out_features, self.in_features, self.group
         wt = _buffer(n * k, dtype, reuse=not torch.is_grad_enabled()).view(k, n)
         unpack_int4(self.qweight, n, k, out=wt)
-        sz = self.scales_zeros.float()  # [groups, rows, 2]
-        scale = sz[..., 0].to(dtype).unsqueeze(1)  # [groups, 1, rows]
-        zero = (sz[..., 1] - 8 * sz[..., 0]).to(dtype).unsqueeze(1)
+        scale, zero = _scale_zero(self.scales_zeros, dtype)  # [groups, rows] each
         groups = wt.view(k // g, g, n)
-        torch.addcmul(zero, groups, scale, out=groups)  # one pass, in place (elementwise: the overlap is exact)
+        # one pass, in place (elementwise: the overlap is exact)
+        torch.addcmul(zero.unsqueeze(1), groups, scale.unsqueeze(1), out=groups)
         return wt.T
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -216,18 +227,16 @@ class Int4Linear(torch.nn.Module):
             return self._rows_through_kernel(ids).to(dtype)
         k, g = self.in_features, self.group
         q = int4_rows(self.qweight, self.out_features, k, ids).view(len(ids), k // g, g).to(dtype)
-        sz = self.scales_zeros[:, ids].transpose(0, 1).float()  # [r, groups, 2]
-        scale, zero = sz[..., 0:1].to(dtype), (sz[..., 1:2] - 8 * sz[..., 0:1]).to(dtype)
-        return torch.addcmul(zero, q, scale).reshape(len(ids), k)
+        scale, zero = _scale_zero(self.scales_zeros[:, ids].transpose(0, 1), dtype)  # [r, groups] each
+        return torch.addcmul(zero[..., None], q, scale[..., None]).reshape(len(ids), k)
 
     def weight_rows(self, rows: list[int]) -> torch.Tensor:
         """Rows of the weight in float32: the kept rows as they were given, any other dequantised. An int4 LM head
         keeps the sentiment label rows: scored through 4-bit rows, English test accuracy fell 1.0 point below
         float32's, through the kept ones 0.5, as with an int8 head (docs/benchmark.md)."""
-        kept = getattr(self, "kept_ids", None)
-        if kept is not None and all(r in kept.tolist() for r in rows):
-            where = {r: i for i, r in enumerate(kept.tolist())}
-            return self.kept_rows[[where[r] for r in rows]].clone()
+        kept = self.kept_ids.tolist() if hasattr(self, "kept_ids") else []
+        if set(rows) <= set(kept):
+            return self.kept_rows[[kept.index(r) for r in rows]].clone()
         return self.rows(torch.tensor(rows), torch.float32)
 
     def _rows_through_kernel(self, ids: torch.Tensor) -> torch.Tensor:
@@ -271,8 +280,7 @@ class QuantEmbedding(torch.nn.Module):
     def _rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.tied_to is not None:
             return self.tied_to.rows(ids, dtype)
-        ids = ids.reshape(-1).long()
-        return self.qweight[ids].to(dtype) * self.scales[ids].to(dtype)[:, None]
+        return _int8_rows(self.qweight, self.scales, ids, dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self._rows(ids, self.dtype).view(*ids.shape, self.embedding_dim)
