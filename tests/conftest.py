@@ -26,6 +26,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lively_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with wider weights: at the default init its greedy reply repeats one token; here every token
+    depends on the numbers (tests of the decode: batched = single, compiled = eager)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-lively"), init_std=0.3)
+
+
+@pytest.fixture(scope="session")
 def tiny_settings(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from worker.settings import Settings
 

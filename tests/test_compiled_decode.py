@@ -9,7 +9,6 @@ import torch
 
 from worker.engine import Engine, compiled_decode
 from worker.settings import Settings
-from worker.testing import build_tiny_model
 
 REPLY_ITEMS = [
     ([], "hello there"),
@@ -17,11 +16,6 @@ REPLY_ITEMS = [
     ([], "The plot is thin and the jokes fall flat, two hours I will never get back."),
 ]
 
-
-@pytest.fixture(scope="module")
-def lively_model_dir(tmp_path_factory):
-    # Wider weights than the default init: every greedy token then depends on the numbers (tests/test_quant.py)
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-lively"), init_std=0.3)
 
 
 def engine_for(model_dir, cache_dir, **kw) -> Engine:

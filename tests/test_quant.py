@@ -19,7 +19,7 @@ from worker.engine.quant import (
     quantize_model,
 )
 from worker.settings import Settings
-from worker.testing import build_tiny_model, smollm2_path
+from worker.testing import smollm2_path
 
 TEXTS = [
     "ok",
@@ -35,11 +35,6 @@ REPLY_ITEMS = [
     ([], "ok"),
 ]
 
-
-@pytest.fixture(scope="module")
-def lively_model_dir(tmp_path_factory):
-    # At the default init the tiny model's greedy reply repeats one token; wider weights make every token count.
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-lively"), init_std=0.3)
 
 
 def engine_for(model_dir, tmp_path, **kw) -> Engine:

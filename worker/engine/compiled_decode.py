@@ -73,20 +73,12 @@ def is_compiled(model: Any) -> bool:
     return isinstance(model.__dict__.get("forward"), DecodeStep)
 
 
-def warm_up(model: Any, prompt_ids: torch.Tensor, pad_token_id: int) -> None:
-    """Compile both graphs now, on a few greedy tokens of one row and of two left-padded rows, so no reply
-    pays for it; on any failure the model decodes eagerly from here on (logged)."""
-    ids = prompt_ids[:, -8:]
-    padded = ids.clone()
-    padded[0, 0] = pad_token_id
-    two, mask = torch.cat([ids, padded]), torch.ones(2, ids.shape[1], dtype=torch.long)
-    mask[1, 0] = 0  # the second row left-padded by one, as a reply batch of uneven prompts is
+def warm_up(model: Any, decode: Callable[[], Any]) -> None:
+    """Compile both graphs now, by running ``decode`` (a few greedy tokens of one row and of a left-padded batch,
+    through the product's own reply path), so no reply pays for it; on any failure the model decodes eagerly from
+    here on (logged)."""
     try:
-        with torch.inference_mode():
-            for batch, attention in ((ids, torch.ones_like(ids)), (two, mask)):
-                model.generate(input_ids=batch, attention_mask=attention, max_new_tokens=3, min_new_tokens=3,
-                               do_sample=False, temperature=None, top_p=None, top_k=None,
-                               pad_token_id=pad_token_id)
+        decode()
     except Exception as exc:  # noqa: BLE001 - any compiler failure: decode eagerly rather than not at all
         log.warning("ALLINONE_COMPILE_DECODE: compiling the decode step failed (%s: %s); decoding eagerly",
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")

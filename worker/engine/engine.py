@@ -80,8 +80,7 @@ class Engine:
         if s.sentiment_head is not None:
             self.head = self._load_head(s.sentiment_head)
         if s.compile_decode and compiled_decode.compile_decode(self.model):
-            ids, _ = self._replier.prompt_ids([], "hello", s)
-            compiled_decode.warm_up(self.model, ids, self._replier.pad_id)
+            compiled_decode.warm_up(self.model, self._decode_a_little)
         self.report = LoadReport(
             model=s.model,
             source=loaded.source,
@@ -110,6 +109,15 @@ class Engine:
             r.identity,
         )
         return r
+
+    def _decode_a_little(self) -> None:
+        """A few greedy tokens of one reply, then of two prompts of different lengths decoded together: every
+        shape of decode step the worker runs (one row; several rows, left-padded)."""
+        assert self._replier is not None
+        s = self.settings.model_copy(update={"max_new_tokens": 3, "do_sample": False})
+        ids, _ = self._replier.prompt_ids([], "hello", s)
+        self._replier.generate(ids, s)
+        self._replier.generate_batch([ids, ids[:, 1:]], s)
 
     def _load_adapter(self, path: str | Path) -> SentimentAdapter:
         adapter = SentimentAdapter.load(path)

@@ -98,7 +98,6 @@ class Replier:
         self.stop_ids = sorted(
             {i for i in (eos, im_end) if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id}
         )
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # left padding of batches
 
     # ------------------------------------------------------------------------------------------- the prompt
     def count_tokens(self, text: str) -> int:
@@ -167,7 +166,7 @@ class Replier:
             return [self.generate(prompts_ids[0], settings)]
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        pad = self.pad_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         longest = max(int(p.shape[1]) for p in prompts_ids)
         ids = torch.full((len(prompts_ids), longest), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
