@@ -14,7 +14,7 @@ Generation stays on the packed kernels (:func:`packed_kernels_only`).
 - :class:`Int8Linear`: one scale per output channel, ``aten._weight_int8pack_mm``.
 - :class:`Int4Linear`: a scale and an offset per group of input channels, ``aten._weight_int4pack_mm_for_cpu``.
   In ``int4`` mode the LM head is 4-bit too: it is 136 M of a 0.5B model's parameters, and at one token a step the
-  int8 head took 11 ms of a 38 ms step where the int4 one takes 4.5 ms. It keeps the sentiment label rows at full
+  int8 head took 11 ms of a 36 ms step where the int4 one takes 4.5 ms. It keeps the sentiment label rows at full
   precision beside the 4-bit ones: on the stand-in, scoring through 4-bit label rows moved English test accuracy
   1.0 point below float32's, through the kept rows 0.5, as with the int8 head (docs/benchmark.md).
 - :class:`QuantEmbedding`: the token-embedding table in int8 rows with one scale each (the table is 136 M of a
