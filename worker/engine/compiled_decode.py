@@ -54,7 +54,7 @@ def compiler() -> str | None:
 
 def compile_decode(model: Any) -> bool:
     """Route ``model``'s one-token steps through ``torch.compile``; False (nothing changed) without a compiler."""
-    if isinstance(getattr(model, "forward", None), DecodeStep):
+    if is_compiled(model):
         return True
     if compiler() is None:
         log.warning("ALLINONE_COMPILE_DECODE: no C++ compiler on this machine; decoding eagerly")
@@ -65,7 +65,7 @@ def compile_decode(model: Any) -> bool:
 
 def uncompile(model: Any) -> None:
     """Back to the eager forward (the instance attribute set by :func:`compile_decode` removed)."""
-    if isinstance(model.__dict__.get("forward"), DecodeStep):
+    if is_compiled(model):
         del model.forward
 
 
