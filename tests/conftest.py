@@ -16,6 +16,9 @@ TEST_REDIS_URL = os.environ.get("ALLINONE_TEST_REDIS_URL", f"redis://127.0.0.1:6
 # Tests never read the user's environment by accident, and never reach for the hub.
 for _k in [k for k in os.environ if k.startswith("ALLINONE_")]:
     del os.environ[_k]
+# The dequantisation threshold is timed at load on a real worker; tests pin it so that which path a call takes
+# (and its rounding) never depends on how busy the machine was (tests/test_quant.py times it on purpose).
+os.environ["ALLINONE_DEQUANT_ROWS"] = "128"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 

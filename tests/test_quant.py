@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from worker.engine import Engine, int4pack, quant
+from worker.engine import Engine, cpu, int4pack, quant
 from worker.engine.quant import (
     DEQUANT_ROWS,
     Int4Linear,
@@ -326,3 +326,34 @@ def _counting(fn, calls):
         calls.append(type(self).__name__)
         return fn(self, *a, **kw)
     return wrapped
+
+
+def test_the_dequantisation_threshold_is_timed_at_load_or_taken_from_the_settings(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(quant, "DEQUANT_ROWS", quant.DEQUANT_ROWS_DEFAULT)  # restored after the test
+    # Given a pinned threshold, the engine uses it and reports it
+    engine = engine_for(tiny_model_dir, tmp_path, quantize="int4", dequant_rows=40)
+    assert engine.report.dequant_rows == quant.DEQUANT_ROWS == 40
+    # When the packed kernel is made slower than any dequantised GEMM, the timing picks the fewest candidate rows
+    kernel = quant.Int4Linear.forward
+
+    def slow_kernel(self, x):
+        import time
+        time.sleep(0.002)
+        return kernel(self, x)
+
+    monkeypatch.setattr(quant.Int4Linear, "forward", slow_kernel)
+    assert cpu.calibrate_dequant_rows(engine.model) == quant.DEQUANT_ROWS == cpu.DEQUANT_CANDIDATES[0]
+    # and when dequantising is made the slower path, the threshold falls back to the default
+    monkeypatch.setattr(quant.Int4Linear, "forward", kernel)
+    dequantized = quant.Int4Linear.dequantized
+
+    def slow_dequantized(self, dtype):
+        import time
+        time.sleep(0.002)
+        return dequantized(self, dtype)
+
+    monkeypatch.setattr(quant.Int4Linear, "dequantized", slow_dequantized)
+    assert cpu.calibrate_dequant_rows(engine.model) == quant.DEQUANT_ROWS == quant.DEQUANT_ROWS_DEFAULT
+    # A model without quantised layers reports none
+    assert engine_for(tiny_model_dir, tmp_path, quantize="none", dequant_rows=0).report.dequant_rows is None

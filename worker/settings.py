@@ -99,6 +99,14 @@ class Settings(BaseSettings):
         "still, within half a point of float32's sentiment accuracy; none: plain weights. auto: int4, or none when "
         "ALLINONE_DTYPE names a dtype (so float32 stays forceable).",
     )
+    dequant_rows: int = Field(
+        0,
+        ge=0,
+        le=1 << 16,
+        description="From this many rows a call of a quantised layer dequantises its weight and runs one plain "
+        "GEMM instead of the packed kernel (sentiment passes; replies always decode on the packed kernels). 0: "
+        "timed on this CPU at load (a matrix unit such as AMX moves it from 128 rows down to a few dozen).",
+    )
     threads: int = Field(default_factory=_default_threads, ge=1, le=256, description="torch intra-op threads.")
     compile_decode: bool = Field(
         False,

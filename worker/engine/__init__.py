@@ -46,6 +46,7 @@ from worker.engine.cpu import PackedLinear, pack_bf16_linears
 from worker.engine.engine import Engine
 from worker.engine.identity import ModelIdentity
 from worker.engine.loading import LoadReport, converted_cache_path, gguf_cache_dir, load_dtype
+from worker.engine.quant import packed_kernels_only
 from worker.engine.reply import Reply
 from worker.engine.sentiment import Scores
 
@@ -63,4 +64,5 @@ __all__ = [
     "pack",
     "pack_batches",
     "pack_bf16_linears",
+    "packed_kernels_only",
 ]

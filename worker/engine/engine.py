@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from worker import prompts
-from worker.engine import compiled_decode, cpu, loading
+from worker.engine import compiled_decode, cpu, loading, quant
 from worker.engine.adapter import SentimentAdapter
 from worker.engine.attention import use_packed_attention
 from worker.engine.head import SentimentHead
@@ -94,6 +94,7 @@ class Engine:
             quantize=s.resolved_quantize(),
             identity=self._identity,
             compiled_decode=compiled_decode.is_compiled(self.model),
+            dequant_rows=quant.DEQUANT_ROWS if quant.quantized_layers(self.model) else None,
         )
         r = self.report
         log.info(

@@ -11,31 +11,40 @@ from __future__ import annotations
 import torch
 
 
-def unpack_int4(packed: torch.Tensor, n: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def unpack_int4(packed: torch.Tensor, n: int, k: int, out: torch.Tensor | None = None,
+                scratch: torch.Tensor | None = None) -> torch.Tensor:
     """The 4-bit values (0..15) of a weight [n, k] packed by ``aten._convert_weight_to_int4pack_for_cpu``,
-    **transposed**: [k, n], written into ``out`` (any dtype) when given, else as uint8.
+    **transposed**: [k, n], written into ``out`` (any dtype) when given, else as uint8. ``scratch``: at least
+    n * k / 2 bytes to reuse for the nibbles on their way (else allocated).
 
     The layout is the kernel's (``weight_to_int4pack_kernel`` in torch's ``int4mm_kernel.cpp``): rows in blocks of
     64 under AVX-512, 32 otherwise, each block stored k-major as [k, block / 2] bytes. In a full vectorised block the
     low nibbles hold the block's first half of rows and the high nibbles the second; a partial block, and every
     block of the scalar build, holds row pairs (2i low, 2i+1 high). k-major is why the result is transposed: each
     block's row of nibbles lands as one contiguous run (writing [n, k] was a strided scatter, slower than the GEMM
-    it fed). :func:`int4_layout_ok` checks all this against the running torch once."""
+    it fed). :func:`int4_layout_ok` checks all this against the running torch once.
+
+    Each nibble plane is taken in the packed bytes' own order into ``scratch``, then copied (and converted) to its
+    place: as bytes, 0.6 ms for a 4864 x 896 layer on 2 cores, where taking it through the transposed view was
+    1.3 ms and a fresh temporary per plane 2.5 ms (over 1 MiB: mapped and unmapped at every call under the
+    engine's allocation policy)."""
     capability = torch.backends.cpu.get_cpu_capability()
     vectorised = capability.startswith(("AVX512", "AVX2"))
     block = 64 if capability.startswith("AVX512") else 32
     out = torch.empty(k, n, dtype=torch.uint8) if out is None else out
+    scratch = torch.empty(n * k // 2, dtype=torch.uint8) if scratch is None else scratch
     flat, full = packed.reshape(-1), n // block
     if full:
-        b = flat[: full * k * block // 2].view(full, k, block // 2).transpose(0, 1)  # [k, full, block / 2]
-        cols = out[:, : full * block].view(k, full, block)
+        b = flat[: full * k * block // 2].view(full, k, block // 2)
+        cols = out[:, : full * block].view(k, full, block).transpose(0, 1)  # [full, k, block]: b's order
         lo, hi = (cols[..., : block // 2], cols[..., block // 2:]) if vectorised else (cols[..., 0::2], cols[..., 1::2])
-        lo.copy_(b & 15)
-        hi.copy_(b >> 4)
+        plane = scratch[: b.numel()].view_as(b)
+        lo.copy_(torch.bitwise_and(b, 15, out=plane))
+        hi.copy_(torch.bitwise_right_shift(b, 4, out=plane))
     if n > full * block:
         b = flat[full * k * block // 2:].view(k, (n - full * block) // 2)
         tail = out[:, full * block:]
-        tail[:, 0::2].copy_(b & 15)
+        tail[:, 0::2].copy_(b & 15)  # a partial block: a few rows, small temporaries
         tail[:, 1::2].copy_(b >> 4)
     return out
 

@@ -44,6 +44,7 @@ class LoadReport:
     quantize: str
     identity: ModelIdentity
     compiled_decode: bool = False
+    dequant_rows: int | None = None  # quantised layers: from this many rows a call dequantises (None: not quantised)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -48,7 +48,8 @@ KERNEL_DTYPE = torch.bfloat16
 # the packed kernels expand the weights again for every 4 rows (int4) or run without blocking (int8), and a
 # batched prefill of 1,024 rows was 3-4x faster dequantised (docs/benchmark.md). Decode steps (1-16 rows) stay on
 # the packed kernels, which read 4-8x fewer bytes.
-DEQUANT_ROWS = 128
+DEQUANT_ROWS_DEFAULT = DEQUANT_ROWS = 128
+# ...unless timed lower on this CPU at load (worker.engine.cpu.calibrate_dequant_rows).
 # ...for layers of at most this many weights: a dequantised LM head (136 M weights) would be a 272 MiB transient.
 DEQUANT_MAX_WEIGHTS = 16 * 2**20
 # Rows per call when reading a layer's weights back without a GEMM of the whole table (a few MiB at a time).
@@ -121,8 +122,11 @@ def _int8_rows(q: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor, dtype: 
 def _scale_zero(sz: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """An int4 layer's ``scales_zeros`` [..., 2] as the factor and offset of ``w = q * scale + zero`` in ``dtype``
     (the kernel computes ``(q - 8) * scale + zero``)."""
-    sz = sz.float()
-    return sz[..., 0].to(dtype), (sz[..., 1] - 8 * sz[..., 0]).to(dtype)
+    # In ``dtype`` directly, without a float32 copy of the whole tensor (over 1 MiB for a large layer: mapped and
+    # unmapped at every call under the engine's allocation policy). The same numbers in bf16: 8 * scale is exact
+    # and the difference is rounded once, as from float32.
+    scale = sz[..., 0].to(dtype).contiguous()  # (a strided view when already in dtype: slow to broadcast)
+    return scale, sz[..., 1].to(dtype) - 8 * scale
 
 
 class Int8Linear(torch.nn.Module):
@@ -211,11 +215,13 @@ class Int4Linear(torch.nn.Module):
         """The weight [out, in] in ``dtype``: the kernel's own arithmetic, ``(q - 8) * scale + zero`` per group. A
         transposed view of a [in, out] tensor (a reused buffer outside autograd: use it before the next call)."""
         n, k, g = self.out_features, self.in_features, self.group
-        wt = _buffer(n * k, dtype, reuse=not torch.is_grad_enabled()).view(k, n)
-        unpack_int4(self.qweight, n, k, out=wt)
+        reuse = not torch.is_grad_enabled()
+        wt = unpack_int4(self.qweight, n, k, out=_buffer(n * k, dtype, reuse).view(k, n),
+                         scratch=_buffer(n * k // 2, torch.uint8, reuse))
         scale, zero = _scale_zero(self.scales_zeros, dtype)  # [groups, rows] each
         groups = wt.view(k // g, g, n)
-        # one pass, in place (elementwise: the overlap is exact)
+        # one pass, in place (elementwise: the overlap is exact); no operand of another dtype, which would be
+        # converted into a weight-sized temporary first
         torch.addcmul(zero.unsqueeze(1), groups, scale.unsqueeze(1), out=groups)
         return wt.T
 
@@ -358,6 +364,11 @@ def quantize_model(model: torch.nn.Module, mode: str, dtype: torch.dtype,
         model.set_input_embeddings(QuantEmbedding.tied(tied) if tied is not None
                                    else QuantEmbedding.from_weight(emb_weight, dtype))
     return len(names)
+
+
+def quantized_layers(model: torch.nn.Module) -> int:
+    """How many of ``model``'s modules are weight-only quantised linear layers."""
+    return sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
 
 
 def tied_quant_head(model: torch.nn.Module) -> Int8Linear | Int4Linear | None:

@@ -156,6 +156,7 @@ def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int =
         "dtype": report.dtype,
         "quantize": report.quantize,
         "compiled_decode": report.compiled_decode,
+        "dequant_rows": report.dequant_rows,
         "messages": n,
         "rounds": rounds,
         "prefix_tokens": report.prefix_tokens,

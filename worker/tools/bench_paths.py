@@ -83,10 +83,12 @@ def time_reply(engine: Any, new_tokens: int) -> ReplyTiming:
     criteria): the gap between the two is generate()'s own overhead."""
     import torch
 
+    from worker.engine import packed_kernels_only
+
     ids, _ = engine.reply_prompt_ids([], REPLY_PROMPT)
     clock = _TokenClock()
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), packed_kernels_only():  # as the worker's replies run
         out = engine.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -104,7 +106,7 @@ def time_reply(engine: Any, new_tokens: int) -> ReplyTiming:
     rate = (n - 1) / (clock.times[-1] - clock.times[1]) if n > 1 else 0.0
 
     # The floor: prefill, then one forward per token on the growing cache, argmax in between.
-    with torch.inference_mode():
+    with torch.inference_mode(), packed_kernels_only():
         res = engine.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         nxt = res.logits[:, -1:].argmax(-1)
         t1 = time.perf_counter()
@@ -122,6 +124,8 @@ def time_batched_reply(engine: Any, new_tokens: int, batch: int) -> float:
     The prompts differ (a different question per row) and are left-padded, as ``Engine.reply_batch`` does."""
     import torch
 
+    from worker.engine import packed_kernels_only
+
     prompts = [engine.reply_prompt_ids([], f"{REPLY_PROMPT} ({i + 1})")[0] for i in range(batch)]
     longest = max(int(p.shape[1]) for p in prompts)
     pad = engine.tokenizer.pad_token_id or 0
@@ -130,7 +134,7 @@ def time_batched_reply(engine: Any, new_tokens: int, batch: int) -> float:
     for row, p in enumerate(prompts):
         ids[row, longest - p.shape[1] :], mask[row, longest - p.shape[1] :] = p[0], 1
     clock = _TokenClock()
-    with torch.inference_mode():
+    with torch.inference_mode(), packed_kernels_only():  # as Engine.reply_batch runs
         engine.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                               pad_token_id=pad, streamer=clock)
