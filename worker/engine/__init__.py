@@ -19,7 +19,7 @@ What lives where:
 - ``sentiment.py``: the sentiment pipeline (preprocess -> forward -> postprocess) on a cached prompt prefix;
   :class:`Scores`.
 - ``head.py``: the optional trained sentiment head, and the checks that it belongs to the loaded model and prompt.
-- ``adapter.py``: the optional sentiment adapter (LoRA on the upper layers' projections), put into the model only for
+- ``adapter.py``: the optional sentiment adapter (LoRA on the decoder layers' projections), put into the model only for
   sentiment forward passes, and the checks that it fits the loaded model.
 - ``reply.py``: chat replies: history that fits, the prompt, the decode (``Replier.generate``), :class:`Reply`.
 

@@ -1,4 +1,4 @@
-"""Train a sentiment adapter: LoRA on the upper layers, with the product's own sentiment prompt and label words.
+"""Train a sentiment adapter: LoRA on the decoder layers, with the product's own sentiment prompt and label words.
 
     python -m worker.train_adapter --train sentiment-zh.train.jsonl --train sentiment-en.train.jsonl \
         --limit 1500 --epochs 2 --out adapters/qwen.safetensors
@@ -8,8 +8,8 @@ Then ``ALLINONE_SENTIMENT_ADAPTER=adapters/qwen.safetensors`` makes the worker s
 answer position: exactly the two numbers the worker compares. An adapter belongs to one model and one sentiment
 prompt (its metadata records both, as a head's does).
 
-What keeps it cheap on a CPU: only the top ``--layers`` decoder layers are adapted, so autograd records nothing
-below them (no input of the lower layers needs a gradient) and the backward pass runs through the top layers only;
+What keeps it cheap on a CPU: with ``--layers N`` only the top N decoder layers are adapted, so autograd records
+nothing below them (no input of the lower layers needs a gradient) and the backward pass runs through those only;
 messages are cut to ``--max-tokens``; batches hold messages of similar length. The cached prompt prefix is
 recomputed with the current adapter every ``--prefix-every`` steps, and no gradient flows into it: the adapter
 learns from the message and answer tokens (the worker computes the prefix with the finished adapter, exactly).
@@ -65,7 +65,7 @@ def dev_check(engine: Any, dev: list[Example]) -> dict[str, float]:
 
 def train_adapter(
     engine: Any, train: list[Example], dev: list[Example], *, epochs: int = 2, rank: int = 8, alpha: float = 16.0,
-    layers: int = 8, projections: str = "all", lr: float = 5e-4, batch_size: int = 8, max_tokens: int = 64,
+    layers: int | None = None, projections: str = "all", lr: float = 5e-4, batch_size: int = 8, max_tokens: int = 64,
     checks_per_epoch: int = 1, patience: int = 2, prefix_every: int = 4, seed: int = 0, progress: bool = True,
 ) -> tuple[SentimentAdapter, dict[str, Any]]:
     """Train an adapter on the loaded engine (left with the best adapter in use); returns it and the history."""
@@ -74,7 +74,7 @@ def train_adapter(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     n_layers = engine.num_layers
-    top = tuple(range(max(0, n_layers - layers), n_layers))
+    top = tuple(range(max(0, n_layers - (layers or n_layers)), n_layers))
     meta = {"model": engine.identity.as_dict(), "prompt": prompt_fingerprint(engine.few_shot)}
     adapter = SentimentAdapter.create(engine.model, top, PROJECTIONS[projections], rank=rank, alpha=alpha, seed=seed,
                                       meta=meta)
@@ -178,7 +178,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0, help="the low-rank term is scaled by alpha / rank")
-    ap.add_argument("--layers", type=int, default=8, help="adapt the top N decoder layers")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="adapt the top N decoder layers (default: all; on the stand-in, all 24 moved test accuracy "
+                         "+4.0 / +3.5 points where the top 8 moved it +0.7 / +1.5, docs/evaluation.md)")
     ap.add_argument("--projections", choices=sorted(PROJECTIONS), default="all")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=8)
