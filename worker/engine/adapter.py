@@ -1,4 +1,4 @@
-"""The sentiment adapter: low-rank (LoRA) corrections of the upper layers' projections, on for sentiment only.
+"""The sentiment adapter: low-rank (LoRA) corrections of the decoder layers' projections, on for sentiment only.
 
 A head can only read the states the frozen model computes; the adapter lets those states change for the one
 sentiment task. Each adapted projection ``base`` becomes ``base(x) + scale * B(A(x))`` with ``A`` [r, in] and
