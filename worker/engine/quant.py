@@ -47,9 +47,9 @@ KERNEL_DTYPE = torch.bfloat16
 # From this many rows a call dequantises the weight to the activations' dtype and runs one plain GEMM instead:
 # the packed kernels expand the weights again for every 4 rows (int4) or run without blocking (int8), and a
 # batched prefill of 1,024 rows was 3-4x faster dequantised (docs/benchmark.md). Decode steps (1-16 rows) stay on
-# the packed kernels, which read 4-8x fewer bytes.
+# the packed kernels, which read 4-8x fewer bytes. The worker times the crossover on its CPU at load and lowers
+# DEQUANT_ROWS where dequantising wins earlier (worker.engine.cpu.calibrate_dequant_rows).
 DEQUANT_ROWS_DEFAULT = DEQUANT_ROWS = 128
-# ...unless timed lower on this CPU at load (worker.engine.cpu.calibrate_dequant_rows).
 # ...for layers of at most this many weights: a dequantised LM head (136 M weights) would be a 272 MiB transient.
 DEQUANT_MAX_WEIGHTS = 16 * 2**20
 # Rows per call when reading a layer's weights back without a GEMM of the whole table (a few MiB at a time).
