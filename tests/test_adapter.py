@@ -92,6 +92,47 @@ def test_save_and_load_round_trip(trained, tiny_settings):
     assert torch.allclose(loaded.score_plain(POS[0]).label_logits, after[:1], atol=1e-4)
 
 
+def test_an_engine_keeps_a_loaded_adapter_once_in_its_activations_dtype(trained, tiny_settings):
+    adapter, path, _, _, _ = trained
+    # Given the adapter file loaded as a bf16 engine holds it
+    half = SentimentAdapter.load(path, dtype=torch.bfloat16)
+    assert {t.dtype for t in half.parameters()} == {torch.bfloat16}
+    assert half.nbytes * 2 == adapter.nbytes and half.fingerprint == adapter.fingerprint
+    # When a bf16 engine loads the file, and the same engine scores with the float32 adapter object instead
+    bf16 = Engine(tiny_settings.model_copy(update={"sentiment_adapter": path, "dtype": "bfloat16"}))
+    bf16.load()
+    assert {t.dtype for t in bf16.adapter.parameters()} == {torch.bfloat16}
+    held = bf16.score(POS + NEG).label_logits.clone()
+    bf16.use_adapter(SentimentAdapter.load(path))
+    # Then the scores are the same numbers (the float32 matrices are cast to bf16 for the pass either way)
+    assert torch.allclose(bf16.score(POS + NEG).label_logits, held, atol=1e-3)
+    bf16.use_adapter(None)
+    assert not torch.allclose(bf16.score(POS + NEG).label_logits, held, atol=1e-2)
+
+
+def test_training_goes_on_from_a_saved_adapter(trained, engine, tmp_path):
+    adapter, path, _, _, _ = trained
+    saved = SentimentAdapter.load(path)
+    # When training starts from the saved adapter (its layers and rank, not the arguments')
+    more, history = train_adapter.train_adapter(
+        engine, TOY, TOY[::3], epochs=1, layers=1, rank=2, batch_size=4, lr=1e-3, progress=False, init=saved)
+    engine.use_adapter(None)
+    # Then its first dev check is the saved adapter's own, and the result is another adapter of the same shape
+    engine.use_adapter(saved)
+    from worker.tools.train_adapter import dev_check
+    with torch.no_grad():
+        start = dev_check(engine, TOY[::3])
+    engine.use_adapter(None)
+    assert history["dev"][0]["loss"] == pytest.approx(start["loss"], abs=1e-5)
+    assert more.names == saved.names and more.rank == saved.rank and more.meta["layers"] == adapter.meta["layers"]
+    assert more.meta["init"]["fingerprint"] == saved.fingerprint and more.fingerprint != saved.fingerprint
+    assert saved.fingerprint == adapter.fingerprint  # the saved one was not trained in place
+    # and an adapter of another model is refused before any step
+    other = SentimentAdapter.load(_edited(path, tmp_path, meta={"model": {"name": "x", "fingerprint": "f" * 16}}))
+    with pytest.raises(AdapterError, match="trained on x"):
+        train_adapter.train_adapter(engine, TOY, TOY[::3], epochs=1, progress=False, init=other)
+
+
 def _edited(path, tmp_path, meta=None, tensors=None):
     """A copy of the adapter file at ``path`` with its metadata or tensors changed."""
     from safetensors import safe_open

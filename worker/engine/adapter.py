@@ -66,24 +66,27 @@ class LoRA(torch.nn.Module):
                 y = self.base(x)
             d = (x.float() @ self.lora_a.T) @ self.lora_b.T
             return y + (self.scale * d).to(y.dtype)
-        # Inference: in the activations' dtype, with the matrices cast once (a float32 copy of every activation
-        # was memory the allocator kept: +9 MiB over the adapter's own bytes, docs/evaluation.md).
+        # Inference: in the activations' dtype. The engine keeps a loaded adapter in that dtype (``load(dtype=)``),
+        # so nothing is cast here; the scale goes in as ``addmm_``'s alpha rather than into a scaled copy of B.
         a, b = self._matrices(x.dtype)
         y = self.base(x)
         if not y.is_contiguous():
-            return y + (x @ a.T) @ b.T
+            return y + self.scale * ((x @ a.T) @ b.T)
         # Added into the projection's own fresh output: a second output-sized tensor per projection (13 MiB for
         # an MLP projection of a 1,353-token pass) was mapped and unmapped at every call under the engine's
         # allocation policy.
-        y.view(-1, y.shape[-1]).addmm_((x @ a.T).reshape(-1, a.shape[0]), b.T)
+        y.view(-1, y.shape[-1]).addmm_((x @ a.T).reshape(-1, a.shape[0]), b.T, alpha=self.scale)
         return y
 
     def _matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``lora_a`` and ``scale * lora_b`` in ``dtype``, cast again only after the matrices change (training)."""
+        """``lora_a`` and ``lora_b`` in ``dtype``: themselves when they are in it, else copies cast again only after
+        the matrices change (training)."""
+        if self.lora_a.dtype == dtype and self.lora_b.dtype == dtype:
+            return self.lora_a.detach(), self.lora_b.detach()
         key = (dtype, self.lora_a._version, self.lora_b._version)
         if self.__dict__.get("_cast_key") != key:
             with torch.no_grad():
-                self.__dict__["_cast"] = (self.lora_a.detach().to(dtype), (self.scale * self.lora_b.detach()).to(dtype))
+                self.__dict__["_cast"] = (self.lora_a.detach().to(dtype), self.lora_b.detach().to(dtype))
             self.__dict__["_cast_key"] = key
         return self.__dict__["_cast"]
 
@@ -146,6 +149,7 @@ class SentimentAdapter:
     _model: torch.nn.Module | None = field(default=None, repr=False)
     _wrappers: dict[str, LoRA] = field(default_factory=dict, repr=False)
     _depth: int = field(default=0, repr=False)
+    _file_fingerprint: str | None = field(default=None, repr=False)  # of the float32 file, when kept in bf16
 
     @property
     def scale(self) -> float:
@@ -156,12 +160,20 @@ class SentimentAdapter:
         return sorted(self.a)
 
     @property
+    def layers(self) -> tuple[int, ...]:
+        """The decoder layers (0-based) it adapts."""
+        return tuple(sorted({int(m.group(1)) for n in self.a if (m := _LAYER.search(n + "."))}))
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of the matrices: a head trained on this adapter's states records it."""
+        """A short hash of the matrices: a head trained on this adapter's states records it. Of the file's float32
+        matrices for an adapter loaded into another dtype (the same adapter, whatever the engine keeps it in)."""
+        if self._file_fingerprint is not None:
+            return self._file_fingerprint
         h = hashlib.sha256(f"{self.rank}/{self.alpha}".encode())
         for n in self.names:
             h.update(n.encode())
@@ -259,7 +271,9 @@ class SentimentAdapter:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> SentimentAdapter:
+    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> SentimentAdapter:
+        """The adapter in ``path``, its matrices in ``dtype``: the engine asks for the dtype its activations run in,
+        so that the matrices are held once, in the form the forward pass uses (half the bytes in bf16)."""
         from safetensors import safe_open
 
         path = Path(path).expanduser()
@@ -279,7 +293,12 @@ class SentimentAdapter:
         rank = int(md["rank"])
         if not a or set(a) != set(b) or any(a[n].shape[0] != rank or b[n].shape[1] != rank for n in a):
             raise AdapterError(f"{path}: its matrices do not pair up at rank {rank}")
-        return cls(a=a, b=b, rank=rank, alpha=float(md["alpha"]), meta=json.loads(md.get("meta", "{}")))
+        adapter = cls(a=a, b=b, rank=rank, alpha=float(md["alpha"]), meta=json.loads(md.get("meta", "{}")))
+        if dtype != torch.float32:
+            adapter._file_fingerprint = adapter.fingerprint
+            adapter.a = {n: t.to(dtype) for n, t in a.items()}
+            adapter.b = {n: t.to(dtype) for n, t in b.items()}
+        return adapter
 
 
 def _swap(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:

@@ -121,7 +121,8 @@ class Engine:
         self._replier.generate_batch([ids, ids[:, 1:]], s)
 
     def _load_adapter(self, path: str | Path) -> SentimentAdapter:
-        adapter = SentimentAdapter.load(path)
+        # Held in the activations' dtype: the form the forward pass uses, once (not float32 beside a bf16 copy).
+        adapter = SentimentAdapter.load(path, dtype=getattr(torch, loading.load_dtype(self.settings)))
         try:
             adapter.check_model(identity=self.identity, prompt=prompts.prompt_fingerprint(self.few_shot))
             adapter.attach(self.model)

@@ -67,8 +67,13 @@ def train_adapter(
     engine: Any, train: list[Example], dev: list[Example], *, epochs: int = 2, rank: int = 8, alpha: float = 16.0,
     layers: int | None = None, projections: str = "all", lr: float = 5e-4, batch_size: int = 8, max_tokens: int = 64,
     checks_per_epoch: int = 1, patience: int = 2, prefix_every: int = 4, seed: int = 0, progress: bool = True,
+    init: SentimentAdapter | None = None,
 ) -> tuple[SentimentAdapter, dict[str, Any]]:
-    """Train an adapter on the loaded engine (left with the best adapter in use); returns it and the history."""
+    """Train an adapter on the loaded engine (left with the best adapter in use); returns it and the history.
+
+    ``init``: go on training a saved adapter (its rank, scale and layers; ``rank``, ``alpha``, ``layers`` and
+    ``projections`` are then not used), on more messages or at another step size.
+    """
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -76,8 +81,18 @@ def train_adapter(
     n_layers = engine.num_layers
     top = tuple(range(max(0, n_layers - (layers or n_layers)), n_layers))
     meta = {"model": engine.identity.as_dict(), "prompt": prompt_fingerprint(engine.few_shot)}
-    adapter = SentimentAdapter.create(engine.model, top, PROJECTIONS[projections], rank=rank, alpha=alpha, seed=seed,
-                                      meta=meta)
+    if init is None:
+        adapter = SentimentAdapter.create(engine.model, top, PROJECTIONS[projections], rank=rank, alpha=alpha,
+                                          seed=seed, meta=meta)
+    else:
+        init.check_model(identity=engine.identity, prompt=meta["prompt"])
+        adapter = SentimentAdapter(
+            a={n: torch.nn.Parameter(t.detach().float().clone()) for n, t in init.a.items()},
+            b={n: torch.nn.Parameter(t.detach().float().clone()) for n, t in init.b.items()},
+            rank=init.rank, alpha=init.alpha, meta={**meta, "init": {"fingerprint": init.fingerprint,
+                                                                      "meta": init.meta}})
+        top = tuple(range(min(adapter.layers), n_layers))
+        projections = init.meta.get("projections", projections)
     # A gradient crosses a frozen projection only inside a LoRA wrapper unless it is a plain Linear (packed bf16
     # and quantised kernels have no backward): below the top adapted layer, every projection must be one of those.
     blind = [n for n in target_names(engine.model, top, ATTENTION + MLP)
@@ -175,6 +190,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", help="overrides ALLINONE_MODEL")
     ap.add_argument("--limit", type=int, help="a balanced, deterministic subset of this many messages per train file")
     ap.add_argument("--dev-limit", type=int, help="a balanced subset of this many messages per dev file")
+    ap.add_argument("--init", type=Path, metavar="ADAPTER",
+                    help="go on training this saved adapter (its rank, alpha and layers) instead of a fresh one")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0, help="the low-rank term is scaled by alpha / rank")
@@ -215,12 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides["dtype"] = a.dtype
     # Trained on the unquantised weights (quantisation is a deployment choice; the identity is the same).
     settings = Settings(**overrides, sentiment_head=None, sentiment_adapter=None, quantize="none")
+    init = SentimentAdapter.load(a.init) if a.init else None
     engine = Engine(settings)
     engine.load()
     adapter, history = train_adapter(
         engine, train, dev, epochs=a.epochs, rank=a.rank, alpha=a.alpha, layers=a.layers, projections=a.projections,
         lr=a.lr, batch_size=a.batch_size, max_tokens=a.max_tokens, checks_per_epoch=a.checks_per_epoch,
-        patience=a.patience, prefix_every=a.prefix_every, seed=a.seed, progress=not a.no_progress)
+        patience=a.patience, prefix_every=a.prefix_every, seed=a.seed, progress=not a.no_progress, init=init)
     out = adapter.save(a.out)
     if a.history:
         a.history.parent.mkdir(parents=True, exist_ok=True)
