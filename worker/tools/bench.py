@@ -7,7 +7,9 @@ by tens of percent between runs on a shared machine. What it measures:
    search for a label word in the answer — one message at a time;
 2. single: the product's sentiment path (cached prompt prefix, two LM-head rows), one message at a time;
 3. bulk: the same path on all the messages at once, packed into passes (no padding);
-4. reply: time to first token and greedy decode rate of a reply of ``--reply-tokens`` tokens;
+4. reply: time to first token and greedy decode rate of a reply of ``--reply-tokens`` tokens; with
+   ``llama-cpp-python`` installed, llama.cpp decodes the same prompt on the same GGUF between our rounds
+   (``reply_vs_reference``: the median of the round-by-round ratios);
 5. load: cold (GGUF conversion; only when no converted cache exists, or with ``--cold``) and warm (from the cache),
    each in a fresh subprocess, and the peak RSS of a worker-like process (load, a batch of sentiment, a reply);
 6. memory bandwidth (a sum over a tensor far larger than the caches) and the decode rate it allows: decoding one
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -132,16 +135,22 @@ def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int =
         "max_abs_logit_diff": float((fast_scores.label_logits - plain_logits).abs().max()),
     }
 
-    reply = time_reply(engine, reply_tokens)
-    for _ in range(rounds - 1):
-        reply = reply.best(time_reply(engine, reply_tokens))
+    # llama.cpp on the same GGUF, prompt (as text, special tokens kept) and threads, in its own process, its decode
+    # rounds interleaved with ours: the ratio is the median of the pairs, each pair timed in the same minute.
+    ids, _ = engine.reply_prompt_ids([], REPLY_PROMPT)
+    ref = bench_reference.Reference(settings.model, engine.tokenizer.decode(ids[0]), report.threads, reply_tokens)
+    reply, paired = None, []
+    for _ in range(rounds):
+        r = time_reply(engine, reply_tokens)
+        reply = r if reply is None else reply.best(r)
+        ref_rate = ref.round()
+        if ref_rate:
+            paired.append(r.decode_tokens_per_second / ref_rate)
+    assert reply is not None
+    reference = ref.finish()
     batch = settings.reply_batch_size
     batched_rate = max(time_batched_reply(engine, reply_tokens, batch) for _ in range(rounds))
     with_replies = max(messages_with_replies(engine, texts[:batch], reply_tokens) for _ in range(rounds))
-    # llama.cpp on the same GGUF, prompt (as text, special tokens kept) and threads, in its own process.
-    ids, _ = engine.reply_prompt_ids([], REPLY_PROMPT)
-    reference = bench_reference.measure(settings.model, engine.tokenizer.decode(ids[0]), report.threads,
-                                        reply_tokens, rounds)
     # Again next to the decode it bounds, keeping the better one: a neighbour's job can only lower it.
     bandwidth = max(bandwidth, measure_bandwidth())
     weights = report.weights_bytes
@@ -178,8 +187,8 @@ def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int =
         "batched_reply_tokens_per_second": batched_rate,
         "messages_per_second_with_replies": with_replies,
         **reference,
-        "reply_vs_reference": (reply.decode_tokens_per_second / reference["reference_tokens_per_second"]
-                               if reference["reference_tokens_per_second"] else None),
+        "reply_vs_reference": statistics.median(paired) if paired else None,
+        "reply_vs_reference_rounds": paired,
         "memory_bandwidth_bytes_per_second": bandwidth,
         "bandwidth_limit_tokens_per_second": limit,
         "decode_fraction_of_limit": reply.decode_tokens_per_second / limit,

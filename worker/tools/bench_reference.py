@@ -1,13 +1,16 @@
 """llama.cpp on the same GGUF, the same prompt, the same threads: what a user would run instead of the worker.
 
 Runs in its own interpreter (``python -m worker.bench --reference``), so its memory is measured alone and the
-benchmark's own peak RSS stays the worker's. Needs ``llama-cpp-python`` (the optional ``reference`` extra, never a
+benchmark's own peak RSS stays the worker's. Its rounds interleave with the worker's own decode rounds (the child
+waits between them): on a shared machine a neighbour's burst then slows both sides of a pair alike, and the bench
+reports the median of the paired ratios. Needs ``llama-cpp-python`` (the optional ``reference`` extra, never a
 dependency of the worker); without it, or for a model that is not a GGUF, every figure is None.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import sys
 import time
@@ -29,7 +32,10 @@ def available() -> bool:
 
 
 def reference_main(request_json: str) -> None:
-    """Child process: load the GGUF with llama.cpp, decode ``tokens`` greedy tokens after ``prompt``; print JSON."""
+    """Child process: load the GGUF with llama.cpp and say ``ready``; then, for every ``round`` line on stdin,
+    decode ``tokens`` greedy tokens after ``prompt`` and print that round's figures; at ``end`` (or end of input)
+    print the load time and peak RSS. Between rounds it waits on stdin and uses no CPU: the parent times its own
+    decode in between, so both see the machine in the same minute."""
     from llama_cpp import Llama
 
     req = json.loads(request_json)
@@ -38,8 +44,10 @@ def reference_main(request_json: str) -> None:
                 verbose=False)
     load = time.perf_counter() - t0
     ids = llm.tokenize(req["prompt"].encode(), add_bos=False, special=True)
-    best_rate, best_first = 0.0, float("inf")
-    for _ in range(req["rounds"]):
+    _say({"ready": True})
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
         times = []
         llm.reset()  # or generate() reuses the previous round's prompt cache
         t0 = time.perf_counter()
@@ -48,25 +56,73 @@ def reference_main(request_json: str) -> None:
             times.append(time.perf_counter())
             if n + 1 >= req["tokens"]:
                 break
-        best_first = min(best_first, times[0] - t0)
-        if len(times) > 1:
-            best_rate = max(best_rate, (len(times) - 1) / (times[-1] - times[0]))
-    print(json.dumps({
-        "reference_tokens_per_second": best_rate,
-        "reference_first_token_seconds": best_first,
-        "reference_load_seconds": load,
-        "reference_peak_rss_bytes": peak_rss_bytes(),
-    }))
+        rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+        _say({"tokens_per_second": rate, "first_token_seconds": times[0] - t0})
+    _say({"reference_load_seconds": load, "reference_peak_rss_bytes": peak_rss_bytes()})
 
 
-def measure(gguf: str, prompt: str, threads: int, tokens: int, rounds: int, timeout: float = 900) -> dict[str, Any]:
-    """llama.cpp's figures for ``gguf`` in a fresh interpreter; all None when it cannot run here."""
-    if Path(gguf).suffix != ".gguf" or not Path(gguf).is_file() or not available():
-        return dict.fromkeys(KEYS)
-    req = json.dumps({"gguf": gguf, "prompt": prompt, "threads": threads, "tokens": tokens, "rounds": rounds})
-    proc = subprocess.run([sys.executable, "-m", "worker.bench", "--reference", req], capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        print(f"llama.cpp reference failed ({proc.returncode}): {proc.stderr[-1000:]}", file=sys.stderr)
-        return dict.fromkeys(KEYS)
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+def _say(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+class Reference:
+    """llama.cpp for ``gguf`` in a child interpreter, decoding one round whenever :meth:`round` is called, so the
+    bench can interleave its rounds with the worker's. Every figure is None when it cannot run here (no
+    ``llama-cpp-python``, not a GGUF, the child failed)."""
+
+    def __init__(self, gguf: str, prompt: str, threads: int, tokens: int, timeout: float = 900) -> None:
+        self.timeout = timeout
+        self.rounds: list[dict[str, float]] = []
+        self.proc: subprocess.Popen[str] | None = None
+        if Path(gguf).suffix != ".gguf" or not Path(gguf).is_file() or not available():
+            return
+        req = json.dumps({"gguf": gguf, "prompt": prompt, "threads": threads, "tokens": tokens})
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker.bench", "--reference", req], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if self._read() is None:
+            self.proc = None
+
+    def round(self) -> float | None:
+        """One round of llama.cpp's decode: its tokens/s, or None."""
+        if self.proc is None:
+            return None
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        got = self._read()
+        if got is None:
+            return None
+        self.rounds.append(got)
+        return got["tokens_per_second"]
+
+    def finish(self) -> dict[str, Any]:
+        """The best round's rate and first-token time, the load time and the child's peak RSS (KEYS)."""
+        out: dict[str, Any] = dict.fromkeys(KEYS)
+        if self.proc is None:
+            return out
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("end\n")
+        self.proc.stdin.close()
+        last = self._read()
+        self.proc.wait(timeout=60)
+        if last is None or not self.rounds:
+            return out
+        return {
+            "reference_tokens_per_second": max(r["tokens_per_second"] for r in self.rounds),
+            "reference_first_token_seconds": min(r["first_token_seconds"] for r in self.rounds),
+            **last,
+        }
+
+    def _read(self) -> dict[str, Any] | None:
+        """The child's next line as JSON; None (and the child stopped, its stderr shown) when it fails or hangs."""
+        assert self.proc is not None and self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if line.strip():
+            return dict(json.loads(line))
+        self.proc.kill()
+        err = self.proc.stderr.read()[-1000:] if self.proc.stderr is not None else ""
+        print(f"llama.cpp reference failed ({'timed out' if not ready else self.proc.wait()}): {err}",
+              file=sys.stderr)
+        self.proc = None
+        return None

@@ -15,6 +15,8 @@ recomputed with the current adapter every ``--prefix-every`` steps, and no gradi
 learns from the message and answer tokens (the worker computes the prefix with the finished adapter, exactly).
 A dev check (accuracy, log-loss, positive share) runs ``--checks-per-epoch`` times an epoch; the adapter with
 the lowest dev log-loss is kept, and training stops when ``--patience`` checks in a row did not improve it.
+``--init ADAPTER`` goes on training a saved adapter (on new messages, at another step size): its first dev check is
+that adapter's, so the result is never worse on dev than where it started.
 """
 
 from __future__ import annotations
