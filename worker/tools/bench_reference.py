@@ -13,6 +13,7 @@ import json
 import select
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -77,19 +78,15 @@ class Reference:
         if Path(gguf).suffix != ".gguf" or not Path(gguf).is_file() or not available():
             return
         req = json.dumps({"gguf": gguf, "prompt": prompt, "threads": threads, "tokens": tokens})
+        # stderr to a file, not a pipe: a pipe nobody reads between rounds would block the child once it filled.
+        self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "worker.bench", "--reference", req], text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        if self._read() is None:
-            self.proc = None
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+        self._read()
 
     def round(self) -> float | None:
         """One round of llama.cpp's decode: its tokens/s, or None."""
-        if self.proc is None:
-            return None
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("round\n")
-        self.proc.stdin.flush()
-        got = self._read()
+        got = self._ask("round")
         if got is None:
             return None
         self.rounds.append(got)
@@ -98,13 +95,9 @@ class Reference:
     def finish(self) -> dict[str, Any]:
         """The best round's rate and first-token time, the load time and the child's peak RSS (KEYS)."""
         out: dict[str, Any] = dict.fromkeys(KEYS)
-        if self.proc is None:
-            return out
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("end\n")
-        self.proc.stdin.close()
-        last = self._read()
-        self.proc.wait(timeout=60)
+        proc, last = self.proc, self._ask("end")
+        if proc is not None:
+            proc.wait(timeout=60)
         if last is None or not self.rounds:
             return out
         return {
@@ -112,6 +105,15 @@ class Reference:
             "reference_first_token_seconds": min(r["first_token_seconds"] for r in self.rounds),
             **last,
         }
+
+    def _ask(self, line: str) -> dict[str, Any] | None:
+        """Send the child one line and read its answer (None once it has failed)."""
+        if self.proc is None:
+            return None
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self._read()
 
     def _read(self) -> dict[str, Any] | None:
         """The child's next line as JSON; None (and the child stopped, its stderr shown) when it fails or hangs."""
@@ -121,8 +123,8 @@ class Reference:
         if line.strip():
             return dict(json.loads(line))
         self.proc.kill()
-        err = self.proc.stderr.read()[-1000:] if self.proc.stderr is not None else ""
-        print(f"llama.cpp reference failed ({'timed out' if not ready else self.proc.wait()}): {err}",
-              file=sys.stderr)
+        self.stderr.seek(0)
+        print(f"llama.cpp reference failed ({'timed out' if not ready else self.proc.wait()}): "
+              f"{self.stderr.read()[-1000:]}", file=sys.stderr)
         self.proc = None
         return None
