@@ -148,6 +148,7 @@ class SentimentAdapter:
     meta: dict[str, Any] = field(default_factory=dict)
     _model: torch.nn.Module | None = field(default=None, repr=False)
     _wrappers: dict[str, LoRA] = field(default_factory=dict, repr=False)
+    _slots: list[tuple[torch.nn.Module, str, LoRA]] = field(default_factory=list, repr=False)
     _depth: int = field(default=0, repr=False)
     _file_fingerprint: str | None = field(default=None, repr=False)  # of the float32 file, when kept in bf16
 
@@ -220,6 +221,9 @@ class SentimentAdapter:
                     f"model's is {base.in_features} -> {base.out_features}: {FIX}")
             wrappers[n] = LoRA(base, self.a[n], self.b[n], self.scale)
         self._model, self._wrappers = model, wrappers
+        # Where each wrapper goes, found once: ``active`` swaps 2 x 168 modules around every sentiment pass, and
+        # finding each parent by name and going through ``Module.__setattr__`` took ~3 ms of a ~270 ms message.
+        self._slots = [(_parent(model, n), n.rpartition(".")[2], w) for n, w in wrappers.items()]
         return self
 
     @contextlib.contextmanager
@@ -228,16 +232,16 @@ class SentimentAdapter:
         if self._model is None:
             raise AdapterError("the sentiment adapter is not attached to a model")
         if self._depth == 0:
-            for n, w in self._wrappers.items():
-                _swap(self._model, n, w)
+            for parent, child, w in self._slots:
+                parent._modules[child] = w  # the slot exists (attach checked it): no __setattr__ bookkeeping
         self._depth += 1
         try:
             yield
         finally:
             self._depth -= 1
             if self._depth == 0:
-                for n, w in self._wrappers.items():
-                    _swap(self._model, n, w.base)
+                for parent, child, w in self._slots:
+                    parent._modules[child] = w.base
 
     # ---------------------------------------------------------------------------------------- checks
     def check_model(self, *, identity: ModelIdentity, prompt: str) -> None:
@@ -296,11 +300,13 @@ class SentimentAdapter:
         adapter = cls(a=a, b=b, rank=rank, alpha=float(md["alpha"]), meta=json.loads(md.get("meta", "{}")))
         if dtype != torch.float32:
             adapter._file_fingerprint = adapter.fingerprint
-            adapter.a = {n: t.to(dtype) for n, t in a.items()}
-            adapter.b = {n: t.to(dtype) for n, t in b.items()}
+        adapter.a = {n: t.to(dtype) for n, t in a.items()}
+        # B [out, r] is held as the transpose of a contiguous [r, out]: the forward pass multiplies by B^T, and a
+        # contiguous right operand made the rank-r product into a 4,864-wide output ~10 % faster (oneDNN, bf16).
+        adapter.b = {n: t.to(dtype).T.contiguous().T for n, t in b.items()}
         return adapter
 
 
-def _swap(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+def _parent(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    parent = name.rpartition(".")[0]
+    return model.get_submodule(parent) if parent else model
