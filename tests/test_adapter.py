@@ -80,6 +80,21 @@ def test_greedy_replies_are_byte_identical_with_the_adapter_loaded(trained, engi
     assert not torch.allclose(plain, on) and torch.equal(plain, again)
 
 
+def test_active_puts_the_wrappers_in_and_the_very_modules_back(trained, tiny_settings):
+    _, path, _, _, _ = trained
+    adapted = Engine(tiny_settings.model_copy(update={"sentiment_adapter": path}))
+    adapted.load()
+    adapter, model = adapted.adapter, adapted.model
+    original = {n: model.get_submodule(n) for n in adapter.names}
+    with adapter.active():
+        inside = {n: model.get_submodule(n) for n in adapter.names}
+        with adapter.active():  # re-entrant: the inner exit leaves the wrappers in
+            pass
+        assert all(model.get_submodule(n) is inside[n] for n in adapter.names)
+    assert all(isinstance(w, LoRA) and w.base is original[n] for n, w in inside.items())
+    assert all(model.get_submodule(n) is original[n] for n in adapter.names)
+
+
 def test_save_and_load_round_trip(trained, tiny_settings):
     adapter, path, _, after, _ = trained
     again = SentimentAdapter.load(path)

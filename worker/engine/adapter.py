@@ -79,10 +79,10 @@ class LoRA(torch.nn.Module):
         return y
 
     def _matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``lora_a`` and ``lora_b`` in ``dtype``: themselves when they are in it, else copies cast again only after
-        the matrices change (training)."""
+        """``lora_a`` and ``lora_b`` in ``dtype``: themselves when they are in it (this path records no graph:
+        gradients are off or nothing requires one), else copies cast again only after the matrices change."""
         if self.lora_a.dtype == dtype and self.lora_b.dtype == dtype:
-            return self.lora_a.detach(), self.lora_b.detach()
+            return self.lora_a, self.lora_b
         key = (dtype, self.lora_a._version, self.lora_b._version)
         if self.__dict__.get("_cast_key") != key:
             with torch.no_grad():
