@@ -147,7 +147,7 @@ class SentimentAdapter:
     alpha: float
     meta: dict[str, Any] = field(default_factory=dict)
     _model: torch.nn.Module | None = field(default=None, repr=False)
-    _wrappers: dict[str, LoRA] = field(default_factory=dict, repr=False)
+    # (parent module, attribute, wrapper) of each adapted projection, found once at attach
     _slots: list[tuple[torch.nn.Module, str, LoRA]] = field(default_factory=list, repr=False)
     _depth: int = field(default=0, repr=False)
     _file_fingerprint: str | None = field(default=None, repr=False)  # of the float32 file, when kept in bf16
@@ -206,7 +206,7 @@ class SentimentAdapter:
     # ---------------------------------------------------------------------------------------- in a model
     def attach(self, model: torch.nn.Module) -> SentimentAdapter:
         """Bind to ``model`` (nothing changes in it until :meth:`active`); refuses modules that do not fit."""
-        wrappers = {}
+        slots = []
         for n in self.names:
             try:
                 base = model.get_submodule(n)
@@ -219,11 +219,10 @@ class SentimentAdapter:
                 raise AdapterError(
                     f"the sentiment adapter's {n} is {self.a[n].shape[1]} -> {self.b[n].shape[0]} but the loaded "
                     f"model's is {base.in_features} -> {base.out_features}: {FIX}")
-            wrappers[n] = LoRA(base, self.a[n], self.b[n], self.scale)
-        self._model, self._wrappers = model, wrappers
-        # Where each wrapper goes, found once: ``active`` swaps 2 x 168 modules around every sentiment pass, and
-        # finding each parent by name and going through ``Module.__setattr__`` took ~3 ms of a ~270 ms message.
-        self._slots = [(_parent(model, n), n.rpartition(".")[2], w) for n, w in wrappers.items()]
+            # Where each wrapper goes, found once: ``active`` swaps 2 x 168 modules around every sentiment pass, and
+            # finding each parent by name and going through ``Module.__setattr__`` took ~3 ms of a ~270 ms message.
+            slots.append((_parent(model, n), n.rpartition(".")[2], LoRA(base, self.a[n], self.b[n], self.scale)))
+        self._model, self._slots = model, slots
         return self
 
     @contextlib.contextmanager
