@@ -298,6 +298,40 @@ print(libc.mallinfo2().hblkhd - before)
     assert mapped["True"] >= 2 << 20 and mapped["False"] == 0, mapped
 
 
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "missing"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "missing"
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="the kernel's transparent huge pages are off")
+def test_large_buffers_are_backed_by_huge_pages_once_the_engine_asks_unless_the_user_said_no():
+    import os
+    import subprocess
+    import sys
+
+    code = """
+from worker.engine import cpu
+cpu.huge_pages()
+import torch
+x = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+print(next(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+
+    def huge_kib(extra: dict[str, str]) -> int:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **extra},
+                             check=True).stdout
+        return int(out.split()[-1])
+
+    # In "always" mode the kernel may back a buffer with huge pages without being asked; in "madvise" it must not.
+    assert huge_kib({}) >= 2048
+    if _thp_mode() == "madvise":
+        assert huge_kib({"THP_MEM_ALLOC_ENABLE": "0"}) == 0
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_batches_of_many_rows_score_through_dequantised_weights_and_replies_stay_on_the_kernels(
         tiny_model_dir, tmp_path, monkeypatch, mode):

@@ -35,6 +35,25 @@ MMAP_THRESHOLD = 1 << 20
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
+def huge_pages() -> None:
+    """Ask torch to back its buffers of 2 MiB and more with transparent huge pages (Linux; before loading).
+
+    Under :func:`return_freed_memory` every large activation is a fresh mapping, page-faulted in at each use: a
+    2,048-token sentiment pass faults in some 150 MiB a layer, 4 KiB at a time. With ``THP_MEM_ALLOC_ENABLE`` torch
+    aligns such buffers to 2 MiB and advises huge pages for them (``madvise``), so one fault maps 2 MiB. Measured
+    on the Xeon with AMX, bulk sentiment of 192 dev messages: 17.0-17.2 messages/s without, 20.2-22.8 with, peak
+    RSS 1181 and 1178 MiB. torch reads the variable once, at its first allocation: set here, at load, it takes
+    effect in a worker (whose first tensors are the model's); a process that allocated tensors before keeps
+    torch's default. A ``THP_MEM_ALLOC_ENABLE`` in the environment is the user's own choice and left alone, and
+    where the kernel's huge pages are off (``/sys/kernel/mm/transparent_hugepage/enabled`` is ``never``) the
+    advice changes nothing."""
+    import os
+    import sys
+
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def return_freed_memory() -> None:
     """Make freed activation buffers leave the process's resident memory (glibc only; once, before loading).
 

@@ -63,6 +63,7 @@ class Engine:
         s = self.settings
         dtype = loading.load_dtype(s)
         cpu.set_threads(s.threads)
+        cpu.huge_pages()
         cpu.return_freed_memory()
         log.info("loading model %s (dtype %s, %d threads, quantize %s)", s.model, dtype, s.threads,
                  s.resolved_quantize())

@@ -71,9 +71,10 @@ def load_messages(files: list[Path], n: int) -> list[str]:
 def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int = 64, rounds: int = 2) -> dict[str, Any]:
     import torch
 
-    from worker.engine import Engine
+    from worker.engine import Engine, cpu
     from worker.schemas import Sentiment
 
+    cpu.huge_pages()  # before this process's first tensor, as in a worker (torch reads the setting once)
     torch.set_num_threads(settings.threads)
     bandwidth = measure_bandwidth()
 
