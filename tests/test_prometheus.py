@@ -42,7 +42,8 @@ def test_worker_metrics_count_what_the_store_wrote_and_are_served_on_their_port(
     store.create_turn("c", "m1", "hello", queue="live")
     store.mark_enqueued("m1")
     store.mark_classified("m1", Sentiment(label="positive", confidence=0.9), "tiny-model")
-    store.mark_done("m1", "hi", "tiny-model", timing={"new_tokens": 10, "seconds": 0.5})
+    store.mark_done("m1", "hi", "tiny-model", timing={"new_tokens": 10, "seconds": 0.5, "prompt_tokens": 100,
+                                                    "cached_prompt_tokens": 80})
     store.mark_done("m1", "hi again", "tiny-model")  # lost the race: not counted
     store.create_turn("c", "m2", "bad", queue="live")
     store.mark_failed("m2", "invalid message")
@@ -52,6 +53,8 @@ def test_worker_metrics_count_what_the_store_wrote_and_are_served_on_their_port(
     assert 'allinone_messages_total{queue="live",status="classified"} 1.0' in text
     assert 'allinone_messages_total{queue="live",status="failed"} 1.0' in text
     assert "allinone_reply_tokens_total 10.0" in text and "allinone_reply_tokens_per_second_sum 20.0" in text
+    assert 'allinone_reply_prompt_tokens_total{source="cached"} 80.0' in text
+    assert 'allinone_reply_prompt_tokens_total{source="computed"} 20.0' in text
     assert 'allinone_model_loaded{model="tiny-model"} 1.0' in text and "allinone_redis_up 1.0" in text
     assert 'allinone_queue_depth{queue="live"} 0.0' in text and "allinone_dead_letters 0.0" in text
     assert exposed(text) == documented("worker")

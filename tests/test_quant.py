@@ -333,11 +333,10 @@ print(next(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if l
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_batches_of_many_rows_score_through_dequantised_weights_and_replies_stay_on_the_kernels(
-        tiny_model_dir, tmp_path, monkeypatch, mode):
-    engine = engine_for(tiny_model_dir, tmp_path, quantize=mode)
+def test_batches_of_many_rows_score_through_dequantised_weights_and_decode_steps_stay_on_the_kernels(
+        lively_model_dir, tmp_path, monkeypatch, mode):
+    engine = engine_for(lively_model_dir, tmp_path, quantize=mode, prompt_cache_mb=0)
     on_kernels = engine.score(TEXTS)
-    reply = engine.reply([], "hello").text
     # When every call of 2 rows or more dequantises (the tiny model's batches are far below the real threshold)
     monkeypatch.setattr(quant, "DEQUANT_ROWS", 2)
     calls = []
@@ -349,10 +348,14 @@ def test_batches_of_many_rows_score_through_dequantised_weights_and_replies_stay
     assert calls
     torch.testing.assert_close(dequantised.p_positive, on_kernels.p_positive, atol=5e-3, rtol=0)
     assert [s.label for s in engine.sentiments(dequantised)] == [s.label for s in engine.sentiments(on_kernels)]
-    # and generation never does (a row's numbers must not depend on its batch): the same reply, no dequantisation
+    # and a reply's prompt, computed alone, may dequantise too, but its decode steps never do (a row's numbers
+    # must not depend on how many rows decode with it): batched greedy replies still equal single ones
     calls.clear()
-    assert engine.reply([], "hello").text == reply
-    assert not calls
+    r = engine.replier
+    prompts = [r.prompt_ids(h, t, engine.settings)[0] for h, t in REPLY_ITEMS]
+    single = [r.generate(p, engine.settings).tolist() for p in prompts]
+    assert calls
+    assert [b.tolist() for b in r.generate_batch(prompts, engine.settings)] == single
 
 
 def _counting(fn, calls):

@@ -57,6 +57,10 @@ class WorkerMetrics:
             "allinone_reply_tokens_per_second", "Decode speed of each reply (its tokens over its decode time).",
             buckets=TOKENS_PER_SECOND_BUCKETS, registry=r,
         )
+        self.prompt_tokens = Counter(
+            "allinone_reply_prompt_tokens", "Reply prompt tokens, by where their keys and values came from: computed, "
+            "or cached (kept from the conversation's earlier turn, ALLINONE_PROMPT_CACHE_MB).", ["source"], registry=r,
+        )
         self.model_loaded = Gauge(
             "allinone_model_loaded", "1 once this worker has its model loaded.", ["model"], registry=r
         )
@@ -79,6 +83,10 @@ class WorkerMetrics:
         if timing and timing.get("new_tokens") and timing.get("seconds"):
             self.tokens.inc(timing["new_tokens"])
             self.tokens_per_second.observe(timing["new_tokens"] / timing["seconds"])
+        if timing and timing.get("prompt_tokens"):
+            cached = int(timing.get("cached_prompt_tokens") or 0)
+            self.prompt_tokens.labels("cached").inc(cached)
+            self.prompt_tokens.labels("computed").inc(int(timing["prompt_tokens"]) - cached)
 
 
 def _since(turn: Any) -> float:

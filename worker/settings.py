@@ -154,6 +154,15 @@ class Settings(BaseSettings):
     history_tokens: int = Field(
         1024, ge=0, le=32768, description="Token budget for the conversation's earlier turns in the reply prompt."
     )
+    prompt_cache_mb: int = Field(
+        256,
+        ge=0,
+        le=1 << 20,
+        description="Keys and values of recent reply prompts kept in each worker process, in MiB: a conversation's "
+        "next turn computes only its new tokens, not its whole history again. A token costs 2 x layers x key/value "
+        "heads x head size x the dtype's bytes (12 KiB for a Qwen2-0.5B in bf16, 192 KiB for Qwen1.5-0.5B in "
+        "float32). 0: none kept.",
+    )
     reply_batch_size: int = Field(
         8,
         ge=1,

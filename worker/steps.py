@@ -138,7 +138,8 @@ def _store_reply(store: ResultsStore, model_id: str, message_id: str, history: l
     # The engine keeps the most recent turns that fit the history budget: those are the prompt's context.
     kept = history[len(history) - reply.history_turns :] if reply.history_turns else []
     note = "reply cut at the time bound (ALLINONE_REPLY_TIMEOUT_SECONDS)" if reply.timed_out else None
-    timing = {"first_token_at": reply.first_token_at, "new_tokens": reply.new_tokens, "seconds": reply.seconds}
+    timing = {"first_token_at": reply.first_token_at, "new_tokens": reply.new_tokens, "seconds": reply.seconds,
+              "prompt_tokens": reply.prompt_tokens, "cached_prompt_tokens": reply.cached_prompt_tokens}
     if stream is not None:
         # later than the first token when it is part of a character (CJK, emoji: two or three tokens each)
         timing["first_text_at"] = stream.first_text_at

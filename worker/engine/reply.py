@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from worker import prompts
 from worker.engine import quant
+from worker.engine.prompt_cache import MIB, PromptCache, row_layers, stack_left_padded
 from worker.settings import Settings
 
 # Role markers and separators a chat template adds around one turn, in tokens (budget estimate).
@@ -33,6 +36,7 @@ class Reply:
     seconds: float
     timed_out: bool = False
     first_token_at: float | None = None  # wall time the first new token was chosen (streaming latency is from it)
+    cached_prompt_tokens: int = 0  # the prompt's tokens whose keys and values came from the kept cache, not computed
 
 
 class TextDeltas:
@@ -98,6 +102,11 @@ class Replier:
         self.stop_ids = sorted(
             {i for i in (eos, im_end) if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id}
         )
+        self.prompt_cache = PromptCache(0)  # sized by each call's settings (ALLINONE_PROMPT_CACHE_MB)
+        # Prompts are computed ahead of generate() where the model's cache is one plain key/value layer per
+        # decoder layer (what a kept entry and a batch's rows are cut from and stacked into); any other cache
+        # (sliding windows) leaves the whole prompt to generate().
+        self.prefills = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
     # ------------------------------------------------------------------------------------------- the prompt
     def count_tokens(self, text: str) -> int:
@@ -131,14 +140,46 @@ class Replier:
         """The new token ids [N] after prompt ``ids`` [1, T]: at most ``max_new_tokens``, ending at a stop token,
         or cut at ``reply_timeout_seconds``. ``on_token`` gets each new id as soon as it is chosen, in order; an
         exception it raises ends the decode."""
+        return self._generate(ids, settings, on_token)[0]
+
+    def _generate(self, ids: torch.Tensor, settings: Settings,
+                  on_token: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
+        """:meth:`generate`, and how many prompt tokens came from the kept cache."""
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         gen = self._generate_kwargs(settings)
         if on_token is not None:
             gen["streamer"] = _TokenStreamer(on_token)
+        cache, reused = self.prefill(ids, settings)
+        if cache is not None:
+            gen["cache"] = cache
         with torch.inference_mode(), quant.packed_kernels_only():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
-        return out[0, ids.shape[1] :]
+        if cache is not None:
+            n = cache.get_seq_length()
+            self.prompt_cache.put(out[0, :n], row_layers(cache, 0, 0, n, copy=False))
+        return out[0, ids.shape[1] :], reused
+
+    def prefill(self, ids: torch.Tensor, settings: Settings) -> tuple[DynamicCache | None, int]:
+        """The key/value cache of prompt ``ids`` [1, T] but its last token (the decode's first step reads that
+        one), built on the kept entry that shares the longest beginning with it, and how many tokens came from
+        there; ``(None, 0)`` for a model whose prompt generate() computes itself.
+
+        A prompt runs alone, whatever batch its reply decodes in: its numbers do not depend on the batch (a row's
+        greedy reply equals its single one), no padding is computed, and a long prompt takes the quantised layers'
+        fast path (:mod:`worker.engine.quant`), as any pass of many rows does. Decode steps stay on the packed
+        kernels."""
+        if not self.prefills:
+            return None, 0
+        self.prompt_cache.resize(settings.prompt_cache_mb * MIB)
+        head = ids[0, :-1]
+        layers, reused = self.prompt_cache.take(head)
+        cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        if reused < head.numel():
+            decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+            with torch.inference_mode():
+                decoder(input_ids=head[None, reused:], cache=cache, use_cache=True)
+        return cache, reused
 
     def _generate_kwargs(self, settings: Settings) -> dict[str, Any]:
         gen: dict[str, Any] = dict(
@@ -162,8 +203,14 @@ class Replier:
         next token is at the same column; a row that meets a stop token is finished (generate pads it after);
         the wall-clock bound holds for the batch, so for every row. Under greedy decoding each row equals its
         own :meth:`generate`."""
+        return self._generate_batch(prompts_ids, settings)[0]
+
+    def _generate_batch(self, prompts_ids: list[torch.Tensor],
+                        settings: Settings) -> tuple[list[torch.Tensor], list[int]]:
+        """:meth:`generate_batch`, and how many of each prompt's tokens came from the kept cache."""
         if len(prompts_ids) == 1:
-            return [self.generate(prompts_ids[0], settings)]
+            new, reused = self._generate(prompts_ids[0], settings)
+            return [new], [reused]
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -173,13 +220,24 @@ class Replier:
         for row, p in enumerate(prompts_ids):
             ids[row, longest - p.shape[1] :] = p[0]
             mask[row, longest - p.shape[1] :] = 1
+        gen = self._generate_kwargs(settings)
+        prefilled = [self.prefill(p, settings) for p in prompts_ids]
+        caches = [c for c, _ in prefilled]
+        cache = None
+        if all(c is not None for c in caches) and longest > 1:
+            cache = DynamicCache(ddp_cache_data=stack_left_padded(caches, longest - 1), config=self.model.config)
+            gen["cache"] = cache
         with torch.inference_mode(), quant.packed_kernels_only():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **self._generate_kwargs(settings))
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **gen)
         new = []
-        for row in out[:, longest:]:
-            ends = [i for i, t in enumerate(row.tolist()) if t in self.stop_ids]
-            new.append(row[: ends[0] + 1] if ends else row)
-        return new
+        for row, p in enumerate(prompts_ids):
+            tokens = out[row, longest:]
+            ends = [i for i, t in enumerate(tokens.tolist()) if t in self.stop_ids]
+            new.append(tokens[: ends[0] + 1] if ends else tokens)
+            if cache is not None:  # the row's own tokens: not its left padding, nor what follows its stop token
+                start, end = longest - p.shape[1], min(cache.get_seq_length(), longest + len(new[-1]))
+                self.prompt_cache.put(out[row, start:end], row_layers(cache, row, start, end, copy=True))
+        return new, [r for _, r in prefilled]
 
     # ------------------------------------------------------------------------------------------- the reply
     def reply(
@@ -204,20 +262,20 @@ class Replier:
                 on_text(deltas.push(token_id))
 
         t0 = time.perf_counter()
-        new = self.generate(ids, settings, on_token=on_token)
-        return self._result(new, ids, kept, time.perf_counter() - t0, settings, first[0] if first else None)
+        new, reused = self._generate(ids, settings, on_token=on_token)
+        return self._result(new, ids, kept, time.perf_counter() - t0, settings, first[0] if first else None, reused)
 
     def reply_batch(self, items: list[tuple[list[tuple[str, str]], str]], settings: Settings) -> list[Reply]:
         """Replies to several (history, text) pairs decoded in one batch (the bulk path; no streaming)."""
         prompts_ids = [self.prompt_ids(history, text, settings) for history, text in items]
         t0 = time.perf_counter()
-        news = self.generate_batch([ids for ids, _ in prompts_ids], settings)
+        news, reused = self._generate_batch([ids for ids, _ in prompts_ids], settings)
         seconds = time.perf_counter() - t0
-        return [self._result(new, ids, kept, seconds, settings, None)
-                for new, (ids, kept) in zip(news, prompts_ids, strict=True)]
+        return [self._result(new, ids, kept, seconds, settings, None, r)
+                for new, (ids, kept), r in zip(news, prompts_ids, reused, strict=True)]
 
     def _result(self, new: torch.Tensor, ids: torch.Tensor, kept: int, seconds: float, settings: Settings,
-                first_token_at: float | None) -> Reply:
+                first_token_at: float | None, reused: int = 0) -> Reply:
         stopped = len(new) > 0 and int(new[-1]) in self.stop_ids
         timed_out = (not stopped) and len(new) < settings.max_new_tokens and seconds >= settings.reply_timeout_seconds
         text = self.tokenizer.decode(new, skip_special_tokens=True)
@@ -233,4 +291,5 @@ class Replier:
             seconds=seconds,
             timed_out=timed_out,
             first_token_at=first_token_at,
+            cached_prompt_tokens=reused,
         )
