@@ -76,12 +76,20 @@ def test_bench_runs_end_to_end_and_reports_every_number(bench_result):
     # and the fast path agreed with the plain forward pass on every measured message
     assert result["agreement"]["labels_fast_vs_plain"] == 1.0
     assert result["agreement"]["max_abs_logit_diff"] < 1e-3
+    # and a conversation of the messages as turns read its earlier turns from the kept cache, not computing them
+    turns = result["conversation_turns"]
+    assert turns == 6 and len(result["conversation_first_token_seconds"]) == turns
+    assert result["conversation_prompt_tokens"] == sorted(result["conversation_prompt_tokens"])  # history grows
+    mean_prompt = sum(result["conversation_prompt_tokens"]) / turns
+    assert result["conversation_prompt_tokens_computed_uncached"] == mean_prompt
+    assert 0 < result["conversation_prompt_tokens_computed"] < mean_prompt / 2
 
 
 def test_bench_table_names_the_machine_and_the_ratios(bench_result):
     table = bench.format_table(bench_result)
     assert bench_result["cpu_model"] in table and "x naive" in table
     assert "bandwidth-limit decode" in table and "peak RSS" in table
+    assert "kept cache" in table
 
 
 def test_messages_alternate_between_files(tmp_path):

@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from worker.tools import bench_reference, datasets
-from worker.tools.bench_paths import messages_with_replies, naive_label, time_batched_reply, time_reply
+from worker.tools.bench_paths import (
+    messages_with_replies,
+    naive_label,
+    time_batched_reply,
+    time_conversation,
+    time_reply,
+)
 from worker.tools.bench_probes import (
     FALLBACK_MESSAGES,
     REPLY_PROMPT,
@@ -42,6 +48,11 @@ from worker.tools.bench_probes import (
     probe_main,
     run_probe,
 )
+
+
+# A conversation for the kept prompt cache: this many turns, each reply at most this many tokens.
+CONVERSATION_TURNS = 8
+CONVERSATION_REPLY_TOKENS = 32
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -152,6 +163,10 @@ def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int =
     batch = settings.reply_batch_size
     batched_rate = max(time_batched_reply(engine, reply_tokens, batch) for _ in range(rounds))
     with_replies = max(messages_with_replies(engine, texts[:batch], reply_tokens) for _ in range(rounds))
+    # A conversation's successive turns, each prompt holding the earlier ones: from scratch, then on the kept cache.
+    turns = texts[:CONVERSATION_TURNS]
+    fresh = time_conversation(engine, turns, CONVERSATION_REPLY_TOKENS, cache=False)
+    kept = time_conversation(engine, turns, CONVERSATION_REPLY_TOKENS, cache=True)
     # Again next to the decode it bounds, keeping the better one: a neighbour's job can only lower it.
     bandwidth = max(bandwidth, measure_bandwidth())
     weights = report.weights_bytes
@@ -187,6 +202,13 @@ def run(settings: Any, texts: list[str], cold: bool = False, reply_tokens: int =
         "reply_batch_size": batch,
         "batched_reply_tokens_per_second": batched_rate,
         "messages_per_second_with_replies": with_replies,
+        "conversation_turns": len(turns),
+        "conversation_prompt_tokens": fresh.prompt_tokens,
+        "conversation_first_token_seconds": kept.first_token_seconds,
+        "conversation_first_token_seconds_uncached": fresh.first_token_seconds,
+        "conversation_prompt_tokens_computed": kept.computed_per_reply,
+        "conversation_prompt_tokens_computed_uncached": fresh.computed_per_reply,
+        "conversation_replies_equal": sum(a == b for a, b in zip(kept.texts, fresh.texts, strict=True)) / len(turns),
         **reference,
         "reply_vs_reference": statistics.median(paired) if paired else None,
         "reply_vs_reference_rounds": paired,
@@ -213,6 +235,12 @@ def format_table(r: dict[str, Any]) -> str:
     msgs = f"{r['messages']} (mean {r['mean_message_tokens']:.0f} tokens on a {r['prefix_tokens']}-token prefix)"
     single = f"{r['single_messages_per_second']:.2f} msg/s  ({r['speedup_single_vs_naive']:.1f}x naive)"
     bulk = f"{r['bulk_messages_per_second']:.2f} msg/s  ({r['speedup_bulk_vs_naive']:.1f}x naive)"
+    kept, fresh = r["conversation_first_token_seconds"], r["conversation_first_token_seconds_uncached"]
+    convo_first = (f"{sum(kept) / len(kept):.2f} s kept cache, {sum(fresh) / len(fresh):.2f} s without "
+                   f"(last turn {kept[-1]:.2f} / {fresh[-1]:.2f} s)")
+    convo_tokens = (f"{r['conversation_prompt_tokens_computed']:.0f} kept cache, "
+                    f"{r['conversation_prompt_tokens_computed_uncached']:.0f} without "
+                    f"(replies equal {r['conversation_replies_equal']:.0%})")
     diffs = f"max |dp| {a['max_abs_p_positive_diff']:.2g}, max |dlogit| {a['max_abs_logit_diff']:.2g}"
     limit = r["bandwidth_limit_tokens_per_second"]
     load = f"{cold} / {r['warm_load_seconds']:.1f} s ({r['warm_load_wall_seconds']:.1f} s from process start)"
@@ -241,6 +269,8 @@ def format_table(r: dict[str, Any]) -> str:
         ("decode, bare forward loop", f"{r['decode_loop_tokens_per_second']:.1f} tok/s"),
         (f"batched decode ({r['reply_batch_size']} rows)", f"{r['batched_reply_tokens_per_second']:.1f} tok/s"),
         ("bulk with replies", f"{r['messages_per_second_with_replies']:.2f} msg/s"),
+        (f"conversation, {r['conversation_turns']} turns: first token", convo_first),
+        ("  prompt tokens computed a reply", convo_tokens),
         ("llama.cpp decode / first token", ref),
         ("llama.cpp peak RSS", refmem),
         ("memory bandwidth", f"{r['memory_bandwidth_bytes_per_second'] / 1e9:.1f} GB/s"),

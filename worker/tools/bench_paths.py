@@ -1,8 +1,9 @@
 """The timed paths the benchmark sets beside the product's: the reference recipe for sentiment (generate a few
 tokens, look for a label word) and a reply timed token by token, next to a bare forward loop.
 
-Both run on the engine's public surface only: ``engine.model``, ``engine.tokenizer``, ``engine.few_shot``,
-``engine.reply_prompt_ids``; the KV cache is passed as ``cache=`` (transformers 5).
+They run on the engine's public surface only: ``engine.model``, ``engine.tokenizer``, ``engine.few_shot``,
+``engine.reply_prompt_ids``, ``engine.reply``/``reply_batch`` and the replier's ``prompt_cache`` (cleared, so that
+rounds do not read each other's prompts); the KV cache is passed as ``cache=`` (transformers 5).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def messages_with_replies(engine: Any, texts: list[str], new_tokens: int) -> flo
     replies of at most ``new_tokens`` tokens, ``reply_batch_size`` at a time (the product's calls)."""
     settings = engine.settings
     engine.settings = settings.model_copy(update={"do_sample": False, "max_new_tokens": new_tokens})
+    engine.replier.prompt_cache.clear()  # every round's messages are new conversations
     try:
         t0 = time.perf_counter()
         engine.classify(texts)
@@ -163,3 +165,40 @@ def messages_with_replies(engine: Any, texts: list[str], new_tokens: int) -> flo
         return len(texts) / (time.perf_counter() - t0)
     finally:
         engine.settings = settings
+
+
+@dataclass
+class ConversationTiming:
+    first_token_seconds: list[float]  # per turn, from the call to the first new token
+    prompt_tokens: list[int]
+    cached_prompt_tokens: list[int]
+    texts: list[str]
+
+    @property
+    def computed_per_reply(self) -> float:
+        return sum(p - c for p, c in zip(self.prompt_tokens, self.cached_prompt_tokens, strict=True)) / len(self.texts)
+
+
+def time_conversation(engine: Any, texts: list[str], new_tokens: int, cache: bool) -> ConversationTiming:
+    """One conversation of ``texts`` as successive turns (each reply greedy, at most ``new_tokens`` tokens, seen by
+    the later turns), with the kept prompt cache on or off (``ALLINONE_PROMPT_CACHE_MB``): the time to each reply's
+    first token and how many of its prompt tokens were computed."""
+    settings = engine.settings
+    update = {"do_sample": False, "max_new_tokens": new_tokens}
+    engine.settings = settings.model_copy(update=update if cache else {**update, "prompt_cache_mb": 0})
+    engine.replier.prompt_cache.clear()
+    timing = ConversationTiming([], [], [], [])
+    history: list[tuple[str, str]] = []
+    try:
+        for text in texts:
+            t0 = time.time()
+            r = engine.reply(history, text)
+            timing.first_token_seconds.append((r.first_token_at or time.time()) - t0)
+            timing.prompt_tokens.append(r.prompt_tokens)
+            timing.cached_prompt_tokens.append(r.cached_prompt_tokens)
+            timing.texts.append(r.text)
+            history.append((text, r.text))
+        return timing
+    finally:
+        engine.settings = settings
+        engine.replier.prompt_cache.clear()
