@@ -84,6 +84,22 @@ def test_the_cache_keeps_at_most_its_bytes_least_recently_used_out_first():
     assert len(cache) == 0
 
 
+def test_a_row_of_a_batch_is_kept_as_its_own_copy():
+    # Given keys and values of a batch of 4 rows, and the views of one row's tokens 2..6
+    batch = torch.randn(4, 2, 10, 4)
+    row = [(batch[1:2, :, 2:6], batch[1:2, :, 2:6] + 0)]
+    cache = PromptCache(1 << 20)
+    # When kept as a copy, Then the entry holds only its own bytes, not the batch's tensor
+    cache.put(torch.tensor([5, 6, 7, 8]), row, copy=True)
+    (k, _), = cache.take(torch.tensor([5, 6, 7, 8]))[0]
+    assert torch.equal(k, batch[1:2, :, 2:6]) and k.untyped_storage().nbytes() == k.nbytes
+    # while a single prompt's own tensors are kept as they are (no copy)
+    own = torch.randn(1, 2, 4, 4)
+    cache.put(torch.tensor([9, 9, 9, 9]), [(own, own)])
+    kept = cache.take(torch.tensor([9, 9, 9, 9]))[0][0][0]
+    assert kept.untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
+
+
 # ----------------------------------------------------------------------------------------------- the tiny model
 def engine_for(model_dir, tmp_path, **kw) -> Engine:
     s = dict(model=str(model_dir), dtype="float32", threads=1, do_sample=False, max_new_tokens=12, cache_dir=tmp_path)

@@ -84,11 +84,14 @@ class PromptCache:
         layers = self._entries[best_key].layers
         return [(k[:, :, :best], v[:, :, :best]) for k, v in layers], best
 
-    def put(self, ids: torch.Tensor, layers: Layers) -> None:
-        """Keep the keys and values of ``ids`` (their tensors are kept as they are: give each row its own)."""
+    def put(self, ids: torch.Tensor, layers: Layers, copy: bool = False) -> None:
+        """Keep the keys and values of ``ids``: the tensors as they are, or, with ``copy``, copies made once the
+        entry is known to fit (a batch's rows: a view would keep the whole batch's tensors alive)."""
         entry = Entry(ids=ids.detach().clone(), layers=layers)
         if self.max_bytes <= 0 or entry.nbytes > self.max_bytes or ids.numel() == 0:
             return
+        if copy:
+            entry.layers = [(k.clone(), v.clone()) for k, v in layers]
         for key, e in list(self._entries.items()):
             shared = common_prefix(e.ids, entry.ids)
             if shared >= e.ids.numel() - REREAD_TOKENS and 2 * shared > e.ids.numel():
@@ -107,14 +110,10 @@ class PromptCache:
             total -= entry.nbytes
 
 
-def row_layers(cache: Any, row: int, start: int, end: int, copy: bool) -> Layers:
-    """Keys and values of tokens ``start:end`` of one row of a transformers cache, per layer; ``copy`` for a row
-    of a batch (a view would keep the whole batch's tensors alive)."""
-    out = []
-    for layer in cache.layers:
-        k, v = layer.keys[row : row + 1, :, start:end], layer.values[row : row + 1, :, start:end]
-        out.append((k.clone(), v.clone()) if copy else (k, v))
-    return out
+def row_layers(cache: Any, row: int, start: int, end: int) -> Layers:
+    """Keys and values of tokens ``start:end`` of one row of a transformers cache, per layer (views)."""
+    return [(layer.keys[row : row + 1, :, start:end], layer.values[row : row + 1, :, start:end])
+            for layer in cache.layers]
 
 
 def stack_left_padded(caches: list[Any], width: int) -> Layers:

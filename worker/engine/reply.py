@@ -157,7 +157,7 @@ class Replier:
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
         if cache is not None:
             n = cache.get_seq_length()
-            self.prompt_cache.put(out[0, :n], row_layers(cache, 0, 0, n, copy=False))
+            self.prompt_cache.put(out[0, :n], row_layers(cache, 0, 0, n))
         return out[0, ids.shape[1] :], reused
 
     def prefill(self, ids: torch.Tensor, settings: Settings) -> tuple[DynamicCache | None, int]:
@@ -236,7 +236,7 @@ class Replier:
             new.append(tokens[: ends[0] + 1] if ends else tokens)
             if cache is not None:  # the row's own tokens: not its left padding, nor what follows its stop token
                 start, end = longest - p.shape[1], min(cache.get_seq_length(), longest + len(new[-1]))
-                self.prompt_cache.put(out[row, start:end], row_layers(cache, row, start, end, copy=True))
+                self.prompt_cache.put(out[row, start:end], row_layers(cache, row, start, end), copy=True)
         return new, [r for _, r in prefilled]
 
     # ------------------------------------------------------------------------------------------- the reply

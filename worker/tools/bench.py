@@ -49,7 +49,6 @@ from worker.tools.bench_probes import (
     run_probe,
 )
 
-
 # A conversation for the kept prompt cache: this many turns, each reply at most this many tokens.
 CONVERSATION_TURNS = 8
 CONVERSATION_REPLY_TOKENS = 32
