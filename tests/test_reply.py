@@ -48,6 +48,29 @@ def test_a_reply_cannot_run_past_its_wall_clock_bound(tiny_engine):
     assert r.timed_out and 0 < r.new_tokens < 5000
 
 
+def test_the_wall_clock_bound_covers_the_prompts_computation_too(tiny_engine, monkeypatch):
+    # Given a prompt whose computation takes 0.4 s of a 0.5 s bound
+    replier = tiny_engine.replier
+    slow = replier.prefill
+
+    def prefill(*a, **kw):
+        time.sleep(0.4)
+        return slow(*a, **kw)
+
+    monkeypatch.setattr(replier, "prefill", prefill)
+    saved = tiny_engine.settings
+    tiny_engine.settings = saved.model_copy(update={"max_new_tokens": 5000, "reply_timeout_seconds": 0.5,
+                                                    "prompt_cache_mb": 0})
+    try:
+        r = tiny_engine.reply([], "hello there")
+        batch = tiny_engine.reply_batch([([], "hello there"), ([], "ok")])
+    finally:
+        tiny_engine.settings = saved
+    # Then the decode gets what is left of it, not another 0.5 s
+    assert r.timed_out and 0 < r.new_tokens < 5000 and r.seconds < 0.85
+    assert all(b.timed_out and b.seconds < 0.85 + 0.4 for b in batch)  # two prompts, computed one after the other
+
+
 def test_generate_is_the_decode_seam_from_prompt_ids_to_new_tokens(tiny_engine):
     # Given the reply prompt's ids
     ids, _ = tiny_engine.reply_prompt_ids([], "hello")

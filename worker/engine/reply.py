@@ -1,6 +1,8 @@
 """Chat replies: the prompt (history that fits, chat template, user text kept plain), the decode, the result.
 
-A reply is ``prompt_ids`` -> ``generate`` -> decode. :meth:`Replier.generate` is the seam for a faster decoder:
+A reply is ``prompt_ids`` -> ``generate`` -> decode; ``generate`` computes the prompt alone first (``prefill``: on
+the keys and values kept from an earlier prompt that begins the same way, :mod:`worker.engine.prompt_cache`), then
+decodes. :meth:`Replier.generate` is the seam for a faster decoder:
 it takes the prompt's token ids and returns the new token ids, within ``max_new_tokens`` and the wall-clock bound,
 and hands each new token id to ``on_token`` as soon as it is chosen (that is how a reply streams); everything
 around it (what the prompt holds, the text deltas of a streamed reply, how the result is judged) stays here.
@@ -65,6 +67,12 @@ class TextDeltas:
             return ""  # nothing yet, or half a character
         self._prefix, self._read = self._read, len(self.ids)
         return now[len(said) :]
+
+
+def _time_left(settings: Settings, since: float) -> float:
+    """What is left of a reply's wall-clock bound for generate(), its prompt having been computed since ``since``
+    (the bound covers the prompt too, as it did when generate() computed it)."""
+    return max(settings.reply_timeout_seconds - (time.perf_counter() - since), 1e-3)
 
 
 class _TokenStreamer(BaseStreamer):
@@ -150,9 +158,10 @@ class Replier:
         gen = self._generate_kwargs(settings)
         if on_token is not None:
             gen["streamer"] = _TokenStreamer(on_token)
+        t0 = time.perf_counter()
         cache, reused = self.prefill(ids, settings)
         if cache is not None:
-            gen["cache"] = cache
+            gen.update(cache=cache, max_time=_time_left(settings, t0))
         with torch.inference_mode(), quant.packed_kernels_only():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
         if cache is not None:
@@ -221,12 +230,13 @@ class Replier:
             ids[row, longest - p.shape[1] :] = p[0]
             mask[row, longest - p.shape[1] :] = 1
         gen = self._generate_kwargs(settings)
+        t0 = time.perf_counter()
         prefilled = [self.prefill(p, settings) for p in prompts_ids]
         caches = [c for c, _ in prefilled]
         cache = None
         if all(c is not None for c in caches) and longest > 1:
             cache = DynamicCache(ddp_cache_data=stack_left_padded(caches, longest - 1), config=self.model.config)
-            gen["cache"] = cache
+            gen.update(cache=cache, max_time=_time_left(settings, t0))
         with torch.inference_mode(), quant.packed_kernels_only():
             out = self.model.generate(input_ids=ids, attention_mask=mask, **gen)
         new = []
