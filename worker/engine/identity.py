@@ -68,8 +68,13 @@ def _bf16_bytes(t: torch.Tensor) -> bytes:
     return b.view(torch.int16).numpy().astype("<i2").tobytes()
 
 
+def decoder_of(model: Any) -> Any:
+    """A causal LM's transformer body without its LM head (its last hidden state already normed)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+
+
 def _final_norm(model: Any) -> torch.Tensor | None:
-    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    body = decoder_of(model)
     for name in ("norm", "final_layernorm", "ln_f"):
         w = getattr(getattr(body, name, None), "weight", None)
         if isinstance(w, torch.Tensor):

@@ -22,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from worker import prompts
 from worker.engine import quant
+from worker.engine.identity import decoder_of
 from worker.engine.prompt_cache import MIB, PromptCache, row_layers, stack_left_padded
 from worker.settings import Settings
 
@@ -185,9 +186,8 @@ class Replier:
         layers, reused = self.prompt_cache.take(head)
         cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
         if reused < head.numel():
-            decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
             with torch.inference_mode():
-                decoder(input_ids=head[None, reused:], cache=cache, use_cache=True)
+                decoder_of(self.model)(input_ids=head[None, reused:], cache=cache, use_cache=True)
         return cache, reused
 
     def _generate_kwargs(self, settings: Settings) -> dict[str, Any]:

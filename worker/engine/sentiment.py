@@ -31,6 +31,7 @@ from worker import prompts
 from worker.engine import attention
 from worker.engine.adapter import SentimentAdapter
 from worker.engine.batching import pack, pack_batches
+from worker.engine.identity import decoder_of
 from worker.errors import ModelLoadError
 from worker.schemas import Sentiment
 
@@ -118,7 +119,7 @@ class SentimentPipeline:
     @property
     def decoder(self) -> Any:
         """The transformer body without the LM head (its last hidden state is already normed)."""
-        return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        return decoder_of(self.model)
 
     @property
     def hidden_size(self) -> int:

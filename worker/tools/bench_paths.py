@@ -8,7 +8,9 @@ rounds do not read each other's prompts); the KV cache is passed as ``cache=`` (
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,18 +155,27 @@ def time_batched_reply(engine: Any, new_tokens: int, batch: int) -> float:
 def messages_with_replies(engine: Any, texts: list[str], new_tokens: int) -> float:
     """Messages per second of the bulk path with replies: sentiment of ``texts`` in batches, then their greedy
     replies of at most ``new_tokens`` tokens, ``reply_batch_size`` at a time (the product's calls)."""
-    settings = engine.settings
-    engine.settings = settings.model_copy(update={"do_sample": False, "max_new_tokens": new_tokens})
-    engine.replier.prompt_cache.clear()  # every round's messages are new conversations
-    try:
+    with greedy(engine, new_tokens):
         t0 = time.perf_counter()
         engine.classify(texts)
         size = engine.settings.reply_batch_size
         for start in range(0, len(texts), size):
             engine.reply_batch([([], t) for t in texts[start : start + size]])
         return len(texts) / (time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def greedy(engine: Any, new_tokens: int, **settings: Any) -> Iterator[None]:
+    """The engine's replies greedy and at most ``new_tokens`` long inside the block (and ``settings``), starting
+    from an empty prompt cache: each timed run's messages are new conversations, not a replay of the last run's."""
+    saved = engine.settings
+    engine.settings = saved.model_copy(update={"do_sample": False, "max_new_tokens": new_tokens, **settings})
+    engine.replier.prompt_cache.clear()
+    try:
+        yield
     finally:
-        engine.settings = settings
+        engine.settings = saved
+        engine.replier.prompt_cache.clear()
 
 
 @dataclass
@@ -183,13 +194,9 @@ def time_conversation(engine: Any, texts: list[str], new_tokens: int, cache: boo
     """One conversation of ``texts`` as successive turns (each reply greedy, at most ``new_tokens`` tokens, seen by
     the later turns), with the kept prompt cache on or off (``ALLINONE_PROMPT_CACHE_MB``): the time to each reply's
     first token and how many of its prompt tokens were computed."""
-    settings = engine.settings
-    update = {"do_sample": False, "max_new_tokens": new_tokens}
-    engine.settings = settings.model_copy(update=update if cache else {**update, "prompt_cache_mb": 0})
-    engine.replier.prompt_cache.clear()
     timing = ConversationTiming([], [], [], [])
     history: list[tuple[str, str]] = []
-    try:
+    with greedy(engine, new_tokens, **({} if cache else {"prompt_cache_mb": 0})):
         for text in texts:
             t0 = time.time()
             r = engine.reply(history, text)
@@ -198,7 +205,4 @@ def time_conversation(engine: Any, texts: list[str], new_tokens: int, cache: boo
             timing.cached_prompt_tokens.append(r.cached_prompt_tokens)
             timing.texts.append(r.text)
             history.append((text, r.text))
-        return timing
-    finally:
-        engine.settings = settings
-        engine.replier.prompt_cache.clear()
+    return timing
