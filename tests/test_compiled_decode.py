@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import pytest
@@ -42,6 +43,19 @@ def test_only_one_token_inference_steps_go_to_the_compiled_forward(monkeypatch):
     step(input_ids=one)
     assert calls == ["compiled", "compiled", "eager", "eager", "eager"]
 
+
+
+def test_generate_sees_the_compiled_forwards_own_parameters(tiny_model_dir, tmp_path, monkeypatch):
+    # Given a model whose decode step is routed through DecodeStep (the compile itself recorded, not run)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(compiled_decode, "compiler", lambda: "/usr/bin/c++")
+    engine = engine_for(tiny_model_dir, tmp_path)
+    assert compiled_decode.compile_decode(engine.model) and compiled_decode.is_compiled(engine.model)
+    # Then generate() reads the eager forward's parameters through it: position ids (a left-padded row's positions
+    # come from its attention mask) and logits_to_keep (a prompt's logits only at its last position)
+    params = inspect.signature(engine.model.forward).parameters
+    assert {"position_ids", "logits_to_keep", "attention_mask", "cache"} <= set(params)
+    assert engine.model._supports_logits_to_keep()
 
 def test_without_a_compiler_the_worker_says_so_and_decodes_eagerly(tiny_model_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(compiled_decode, "compiler", lambda: None)

@@ -17,6 +17,7 @@ decodes eagerly: slower, never wrong.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import sysconfig
@@ -30,9 +31,15 @@ log = logging.getLogger(__name__)
 
 class DecodeStep:
     """A model's ``forward`` that sends one-token inference steps to its compiled form and every other call to
-    the eager one."""
+    the eager one.
+
+    It carries the wrapped forward's signature (``__wrapped__``): ``generate()`` reads ``inspect.signature(
+    model.forward)`` to decide what to pass. Behind a bare ``(*args, **kwargs)`` it passed no ``position_ids`` (a
+    left-padded row then took the padded column as its position, which a row's cache computed alone does not
+    match) and no ``logits_to_keep`` (a prompt's logits over the whole vocabulary at every position)."""
 
     def __init__(self, forward: Callable[..., Any]) -> None:
+        functools.update_wrapper(self, forward)
         self.eager = forward
         self.compiled = torch.compile(forward, dynamic=True)
 

@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from worker import prompts
-from worker.engine import compiled_decode, quant
+from worker.engine import quant
 from worker.engine.identity import decoder_of
 from worker.engine.prompt_cache import MIB, PromptCache, row_layers, stack_left_padded
 from worker.settings import Settings
@@ -231,11 +231,7 @@ class Replier:
             mask[row, longest - p.shape[1] :] = 1
         gen = self._generate_kwargs(settings)
         t0 = time.perf_counter()
-        # With the decode step compiled (ALLINONE_COMPILE_DECODE) a batch's rows, computed ahead and stacked, came
-        # out unlike their single replies on the test model (the eager path's do not; cause not found): there the
-        # batch computes its left-padded prompts inside generate() on the packed kernels, as it did before.
-        prefilled = ([(None, 0)] * len(prompts_ids) if compiled_decode.is_compiled(self.model)
-                     else [self.prefill(p, settings) for p in prompts_ids])
+        prefilled = [self.prefill(p, settings) for p in prompts_ids]
         caches = [c for c, _ in prefilled]
         cache = None
         if all(c is not None for c in caches) and longest > 1:
