@@ -35,7 +35,8 @@ def test_environment_overrides_with_prefix(monkeypatch):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("redis_url", "http://localhost"), ("max_new_tokens", 0), ("dtype", "int4"), ("top_p", 1.5), ("threads", 0)],
+    [("redis_url", "http://localhost"), ("max_new_tokens", 0), ("dtype", "int4"), ("top_p", 1.5), ("threads", 0),
+     ("sentiment_batch_tokens", 8), ("sentiment_batch_tokens", -1)],
 )
 def test_bad_values_are_refused_with_the_field_named(field, value):
     with pytest.raises(ValidationError) as e:
@@ -46,6 +47,15 @@ def test_bad_values_are_refused_with_the_field_named(field, value):
 def test_dtype_auto_resolves_to_a_concrete_dtype():
     assert Settings(dtype="auto").resolved_dtype() in ("float32", "bfloat16")
     assert Settings(dtype="float32").resolved_dtype() == "float32"
+
+
+def test_a_passs_token_budget_holds_the_same_activation_bytes_in_either_dtype():
+    # Unset: twice the tokens where activations take half the bytes
+    assert Settings().resolved_batch_tokens("float32") == 1024
+    assert Settings().resolved_batch_tokens("bfloat16") == 2048
+    # Set: the user's number whatever the dtype
+    assert Settings(sentiment_batch_tokens=3000).resolved_batch_tokens("float32") == 3000
+    assert Settings(sentiment_batch_tokens=16).resolved_batch_tokens("bfloat16") == 16
 
 
 def test_redact_url_hides_the_password():

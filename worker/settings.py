@@ -124,12 +124,12 @@ class Settings(BaseSettings):
         64, ge=1, le=512, description="At most this many messages per sentiment forward pass (packed, no padding)."
     )
     sentiment_batch_tokens: int = Field(
-        2048,
-        ge=16,
+        0,
+        ge=0,
         le=1 << 20,
         description="At most this many message tokens per sentiment forward pass (a longer lone message still goes "
         "alone): bounds a pass's activation memory. Larger passes spread each layer's dequantisation over more "
-        "messages.",
+        "messages. 0: by the activations' dtype, 2048 in bf16 and 1024 in float32 (the same bytes).",
     )
     sentiment_head: Path | None = Field(
         None, description="A trained sentiment head (python -m worker.train_head); absent: prompt scoring alone."
@@ -206,6 +206,13 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(8000, ge=1, description="Longer messages are refused with a clear error.")
     max_id_chars: int = Field(200, ge=8, le=1000, description="Longest conversation or message id.")
 
+    @field_validator("sentiment_batch_tokens")
+    @classmethod
+    def _check_batch_tokens(cls, v: int) -> int:
+        if 0 < v < 16:
+            raise ValueError(f"ALLINONE_SENTIMENT_BATCH_TOKENS must be 0 (by dtype) or at least 16 (got {v})")
+        return v
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, v: str) -> str:
@@ -224,6 +231,16 @@ class Settings(BaseSettings):
         if self.quantize != "auto":
             return self.quantize
         return "int4" if self.dtype == "auto" else "none"
+
+    def resolved_batch_tokens(self, dtype: str) -> int:
+        """Message tokens per sentiment pass for activations in ``dtype`` (``float32``, ``bfloat16``...).
+
+        Unset (0), the same activation bytes whatever the dtype: a float32 pass of 2,048 tokens held ~270 MiB above
+        the loaded model (its MLP's [tokens, 4864] tensors), which put the worker over twice llama.cpp's memory on
+        a CPU without bf16; 1,024 tokens held ~110 MiB less at the same bulk rate (docs/benchmark.md)."""
+        if self.sentiment_batch_tokens:
+            return self.sentiment_batch_tokens
+        return 1024 if dtype == "float32" else 2048
 
     def resolved_dtype(self) -> str:
         """The dtype to load weights in: ``auto`` resolved against what this CPU computes natively."""

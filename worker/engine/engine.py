@@ -221,7 +221,7 @@ class Engine:
             batch_size=batch_size or self.settings.sentiment_batch_size,
             max_tokens=self.settings.sentiment_max_tokens,
             layers=self.feature_layers if layers is None else tuple(layers),
-            batch_tokens=self.settings.sentiment_batch_tokens,
+            batch_tokens=self.settings.resolved_batch_tokens(self.report.dtype if self.report else "bfloat16"),
         )
 
     def score_plain(self, text: str) -> Scores:
