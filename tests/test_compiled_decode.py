@@ -44,7 +44,6 @@ def test_only_one_token_inference_steps_go_to_the_compiled_forward(monkeypatch):
     assert calls == ["compiled", "compiled", "eager", "eager", "eager"]
 
 
-
 def test_generate_sees_the_compiled_forwards_own_parameters(tiny_model_dir, tmp_path, monkeypatch):
     # Given a model whose decode step is routed through DecodeStep (the compile itself recorded, not run)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
@@ -56,6 +55,7 @@ def test_generate_sees_the_compiled_forwards_own_parameters(tiny_model_dir, tmp_
     params = inspect.signature(engine.model.forward).parameters
     assert {"position_ids", "logits_to_keep", "attention_mask", "cache"} <= set(params)
     assert engine.model._supports_logits_to_keep()
+
 
 def test_without_a_compiler_the_worker_says_so_and_decodes_eagerly(tiny_model_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(compiled_decode, "compiler", lambda: None)

@@ -216,12 +216,14 @@ class Engine:
         """Label logits and hidden states of many messages, batched, on the cached prefix.
 
         ``layers``: inner layers to return the last-token state of (default: those the loaded head reads)."""
-        return self.sentiment.score(
+        sentiment = self.sentiment
+        assert self.report is not None  # loaded, as self.sentiment checked
+        return sentiment.score(
             texts,
             batch_size=batch_size or self.settings.sentiment_batch_size,
             max_tokens=self.settings.sentiment_max_tokens,
             layers=self.feature_layers if layers is None else tuple(layers),
-            batch_tokens=self.settings.resolved_batch_tokens(self.report.dtype if self.report else "bfloat16"),
+            batch_tokens=self.settings.resolved_batch_tokens(self.report.dtype),
         )
 
     def score_plain(self, text: str) -> Scores:
