@@ -286,3 +286,69 @@ def test_the_harness_scores_prompt_head_adapter_and_adapter_head_in_one_run(trai
     assert evaluate.main(["--data", str(data), "--no-baseline", "--adapter", str(path), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
     assert "prompt+adapter" in text and "  prompt " in text and png.stat().st_size > 0
+
+
+def test_the_label_offset_is_the_log_loss_minimum_of_a_known_shift():
+    # Given logits whose labels were drawn with the positive logit 0.8 too low
+    gen = torch.Generator().manual_seed(0)
+    d = torch.randn(4000, generator=gen) * 2
+    y = (torch.rand(4000, generator=gen) >= torch.sigmoid(d + 0.8)).long()  # 0 = positive
+    logits = torch.stack([d / 2, -d / 2], dim=1)
+    # When the offset is fitted; Then it finds the shift, and lowers the log-loss
+    offset = train_adapter.fit_label_offset(logits, y)
+    assert offset == pytest.approx(0.8, abs=0.15)
+    assert train_adapter.dev_metrics(logits, y, offset)["loss"] < train_adapter.dev_metrics(logits, y)["loss"]
+
+
+def test_the_trainer_calibrates_and_the_engine_adds_the_offset_to_the_positive_logit(trained, engine, tiny_settings):
+    adapter, path, _, after, _ = trained
+    assert adapter.label_offset != 0 and adapter.meta["label_offset"] == adapter.label_offset
+    assert adapter.meta["best_calibrated"]["loss"] <= adapter.meta["best"]["loss"] + 1e-6
+    loaded = SentimentAdapter.load(path)
+    assert loaded.label_offset == adapter.label_offset and loaded.fingerprint == adapter.fingerprint
+    # the same matrices without the offset: the negative logit is the same, the positive one lower by the offset
+    engine.use_adapter(loaded)
+    with_offset = engine.score(POS + NEG).label_logits.clone()
+    loaded.label_offset = 0.0
+    bare = engine.score(POS + NEG).label_logits.clone()
+    engine.use_adapter(None)
+    assert torch.allclose(with_offset, after, atol=1e-5)
+    assert torch.allclose(with_offset[:, 1], bare[:, 1]) and torch.allclose(
+        with_offset[:, 0] - bare[:, 0], torch.full((len(POS + NEG),), adapter.label_offset), atol=1e-5)
+    assert loaded.fingerprint != adapter.fingerprint  # a head reading the logits must not take one for the other
+
+
+def test_epochs_0_only_checks_and_calibrates_a_saved_adapter(trained, tmp_path, tiny_settings, monkeypatch, capsys):
+    adapter, path, _, _, _ = trained
+    bare = SentimentAdapter.load(path)
+    bare.label_offset = 0.0
+    start = bare.save(tmp_path / "bare.safetensors")
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in TOY[::3]),
+                    encoding="utf-8")
+    for k, v in {"ALLINONE_MODEL": tiny_settings.model, "ALLINONE_DTYPE": "float32", "ALLINONE_THREADS": "1",
+                 "ALLINONE_CACHE_DIR": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "calibrated.safetensors"
+    assert train_adapter.main(["--init", str(start), "--epochs", "0", "--dev", str(data), "--out", str(out),
+                               "--no-progress"]) == 0
+    got = SentimentAdapter.load(out)
+    assert all(torch.equal(got.a[n], bare.a[n]) and torch.equal(got.b[n], bare.b[n]) for n in bare.names)
+    assert got.label_offset == pytest.approx(adapter.label_offset, abs=1e-3) and got.meta["steps"] == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_adapter.main(["--epochs", "0", "--out", str(out)])
+    assert "needs --init" in capsys.readouterr().err
+
+
+def test_an_adapter_whose_label_offset_is_not_a_number_is_refused(trained, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, path, _, _, _ = trained
+    with safe_open(str(path), framework="pt") as f:
+        md, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    for bad, match in [("nope", "not a number"), ("nan", "offset is nan")]:
+        save_file(t, str(tmp_path / "bad.safetensors"), metadata=md | {"label_offset": bad})
+        with pytest.raises(AdapterError, match=match):
+            SentimentAdapter.load(tmp_path / "bad.safetensors")

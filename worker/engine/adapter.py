@@ -12,10 +12,16 @@ projections here may be packed bf16 layers (:class:`worker.engine.cpu.PackedLine
 layers of the performance work, which are modules with ``in_features``/``out_features`` but not ``nn.Linear``.
 Calling ``base(x)`` and adding the low-rank term works around any of them.
 
+A calibration offset comes with it (``label_offset``, fitted by the trainer on the dev messages after training): a
+number added to the positive label's logit, so that the decision threshold sits where the dev set's log-loss is
+lowest. An adapter that moves the states leaves the two label words' logits with a bias towards one of them (the
+stand-in's read 45 % of balanced messages as positive); one fitted number takes it out (Platt's offset, without
+a slope: the adapter's confidences were already calibrated).
+
 On disk: one safetensors file (``<module>.lora_a`` / ``<module>.lora_b``, float32) whose metadata holds the rank,
-the scale and, in ``meta``, the model it was trained on (its identity, see :mod:`worker.engine.identity`) and the
-sentiment prompt's fingerprint. The engine refuses an adapter that does not fit the loaded model
-(:class:`~worker.errors.AdapterError`). ``python -m worker.train_adapter`` trains one.
+the scale, the offset and, in ``meta``, the model it was trained on (its identity, see
+:mod:`worker.engine.identity`) and the sentiment prompt's fingerprint. The engine refuses an adapter that does not
+fit the loaded model (:class:`~worker.errors.AdapterError`). ``python -m worker.train_adapter`` trains one.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -146,6 +153,7 @@ class SentimentAdapter:
     rank: int
     alpha: float
     meta: dict[str, Any] = field(default_factory=dict)
+    label_offset: float = 0.0  # added to the positive label's logit (the trainer fits it on the dev messages)
     _model: torch.nn.Module | None = field(default=None, repr=False)
     # (parent module, attribute, wrapper) of each adapted projection, found once at attach
     _slots: list[tuple[torch.nn.Module, str, LoRA]] = field(default_factory=list, repr=False)
@@ -176,6 +184,8 @@ class SentimentAdapter:
         if self._file_fingerprint is not None:
             return self._file_fingerprint
         h = hashlib.sha256(f"{self.rank}/{self.alpha}".encode())
+        if self.label_offset:  # the logits a head may read move with it (an adapter without one keeps its hash)
+            h.update(f"offset {self.label_offset!r}".encode())
         for n in self.names:
             h.update(n.encode())
             h.update(self.a[n].detach().float().contiguous().numpy().tobytes())
@@ -269,7 +279,7 @@ class SentimentAdapter:
             tensors[f"{n}.lora_a"] = self.a[n].detach().float().contiguous()
             tensors[f"{n}.lora_b"] = self.b[n].detach().float().contiguous()
         metadata = {"format": FORMAT, "rank": str(self.rank), "alpha": str(self.alpha),
-                    "meta": json.dumps(self.meta)}
+                    "label_offset": repr(float(self.label_offset)), "meta": json.dumps(self.meta)}
         save_file(tensors, str(path), metadata=metadata)
         return path
 
@@ -296,7 +306,14 @@ class SentimentAdapter:
         rank = int(md["rank"])
         if not a or set(a) != set(b) or any(a[n].shape[0] != rank or b[n].shape[1] != rank for n in a):
             raise AdapterError(f"{path}: its matrices do not pair up at rank {rank}")
-        adapter = cls(a=a, b=b, rank=rank, alpha=float(md["alpha"]), meta=json.loads(md.get("meta", "{}")))
+        try:
+            offset = float(md.get("label_offset", "0"))
+        except ValueError:
+            raise AdapterError(f"{path}: its label offset {md['label_offset']!r} is not a number") from None
+        if not math.isfinite(offset):
+            raise AdapterError(f"{path}: its label offset is {offset}")
+        adapter = cls(a=a, b=b, rank=rank, alpha=float(md["alpha"]), meta=json.loads(md.get("meta", "{}")),
+                      label_offset=offset)
         if dtype != torch.float32:
             adapter._file_fingerprint = adapter.fingerprint
         adapter.a = {n: t.to(dtype) for n, t in a.items()}

@@ -190,6 +190,8 @@ class SentimentPipeline:
         lg = hidden @ self.label_weights.T
         if self.label_bias is not None:
             lg = lg + self.label_bias
+        if self.adapter is not None and self.adapter.label_offset:
+            lg = lg + torch.tensor([self.adapter.label_offset, 0.0])
         return lg
 
     def sentiments(self, scores: Scores, head: Any = None) -> list[Sentiment]:

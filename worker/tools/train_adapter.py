@@ -15,8 +15,12 @@ recomputed with the current adapter every ``--prefix-every`` steps, and no gradi
 learns from the message and answer tokens (the worker computes the prefix with the finished adapter, exactly).
 A dev check (accuracy, log-loss, positive share) runs ``--checks-per-epoch`` times an epoch; the adapter with
 the lowest dev log-loss is kept, and training stops when ``--patience`` checks in a row did not improve it.
+At the end the adapter's label offset is fitted on the best check's dev logits (one number added to the positive
+label's logit, the log-loss's minimum; ``--no-calibrate`` leaves it at 0): it moves the decision threshold to where
+the dev messages put it, which an adapter's training on the label words leaves off by a few points of positive share.
 ``--init ADAPTER`` goes on training a saved adapter (on new messages, at another step size): its first dev check is
-that adapter's, so the result is never worse on dev than where it started.
+that adapter's, so the result is never worse on dev than where it started; ``--init ADAPTER --epochs 0`` only checks
+and calibrates it.
 """
 
 from __future__ import annotations
@@ -55,26 +59,55 @@ def batches(engine: Any, examples: list[Example], batch_size: int, max_tokens: i
     return out
 
 
+def dev_logits(engine: Any, dev: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's current label logits [n, 2] on ``dev`` and the gold label indices [n]."""
+    scores = engine.score([e.text for e in dev], layers=())
+    return scores.label_logits.float(), torch.tensor([LABELS.index(e.label) for e in dev])
+
+
+def dev_metrics(logits: torch.Tensor, y: torch.Tensor, offset: float = 0.0) -> dict[str, float]:
+    """Accuracy, log-loss and predicted-positive share of label logits, ``offset`` added to the positive one's."""
+    logits = logits + torch.tensor([offset, 0.0])
+    pred = logits.argmax(1)
+    return {"accuracy": (pred == y).float().mean().item(),
+            "loss": torch.nn.functional.cross_entropy(logits, y).item(),
+            "positive_share": (pred == 0).float().mean().item()}
+
+
 def dev_check(engine: Any, dev: list[Example]) -> dict[str, float]:
     """Accuracy, log-loss and predicted-positive share of the engine's current sentiment on ``dev``."""
-    scores = engine.score([e.text for e in dev], layers=())
-    y = torch.tensor([LABELS.index(e.label) for e in dev])
-    loss = torch.nn.functional.cross_entropy(scores.label_logits.float(), y).item()
-    pred = scores.label_logits.argmax(1)
-    return {"accuracy": (pred == y).float().mean().item(), "loss": loss,
-            "positive_share": (pred == 0).float().mean().item()}
+    return dev_metrics(*dev_logits(engine, dev))
+
+
+def fit_label_offset(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The number added to the positive label's logit that minimises the log-loss on ``(logits, y)``: one
+    parameter, so a few hundred dev messages pin it down (the log-loss is convex in it)."""
+    offset = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([offset], max_iter=100, line_search_fn="strong_wolfe")
+    zero = torch.zeros(1)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits.float() + torch.cat([offset, zero]), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return round(float(offset.item()), 4)
 
 
 def train_adapter(
     engine: Any, train: list[Example], dev: list[Example], *, epochs: int = 2, rank: int = 8, alpha: float = 16.0,
     layers: int | None = None, projections: str = "all", lr: float = 5e-4, batch_size: int = 8, max_tokens: int = 64,
     checks_per_epoch: int = 1, patience: int = 2, prefix_every: int = 4, seed: int = 0, progress: bool = True,
-    init: SentimentAdapter | None = None,
+    init: SentimentAdapter | None = None, calibrate: bool = True,
 ) -> tuple[SentimentAdapter, dict[str, Any]]:
     """Train an adapter on the loaded engine (left with the best adapter in use); returns it and the history.
 
     ``init``: go on training a saved adapter (its rank, scale and layers; ``rank``, ``alpha``, ``layers`` and
-    ``projections`` are then not used), on more messages or at another step size.
+    ``projections`` are then not used), on more messages or at another step size; with ``epochs=0`` it is only
+    checked and calibrated. ``calibrate``: fit the adapter's label offset on the dev messages at the end (the best
+    check's logits; :func:`fit_label_offset`).
     """
     from tqdm import tqdm
 
@@ -91,8 +124,8 @@ def train_adapter(
         adapter = SentimentAdapter(
             a={n: torch.nn.Parameter(t.detach().float().clone()) for n, t in init.a.items()},
             b={n: torch.nn.Parameter(t.detach().float().clone()) for n, t in init.b.items()},
-            rank=init.rank, alpha=init.alpha, meta={**meta, "init": {"fingerprint": init.fingerprint,
-                                                                      "meta": init.meta}})
+            rank=init.rank, alpha=init.alpha, label_offset=init.label_offset,
+            meta={**meta, "init": {"fingerprint": init.fingerprint, "meta": init.meta}})
         top = tuple(range(min(adapter.layers), n_layers))
         projections = init.meta.get("projections", projections)
     # A gradient crosses a frozen projection only inside a LoRA wrapper unless it is a plain Linear (packed bf16
@@ -115,15 +148,21 @@ def train_adapter(
 
     def check(step: int, epoch: float) -> dict[str, float]:
         engine.use_adapter(adapter)  # the prefix, recomputed with the adapter as it is now
+        nonlocal last_logits
         with torch.no_grad():
-            d = dev_check(engine, dev) if dev else {"accuracy": float("nan"), "loss": float("nan"),
-                                                     "positive_share": float("nan")}
+            if dev:
+                last_logits = dev_logits(engine, dev)
+                d = dev_metrics(*last_logits)
+            else:
+                d = {"accuracy": float("nan"), "loss": float("nan"), "positive_share": float("nan")}
         d.update(step=step, epoch=round(epoch, 3), seconds=round(time.perf_counter() - t0, 1))
         history["dev"].append(d)
         return d
 
     t0 = time.perf_counter()
+    last_logits: tuple[torch.Tensor, torch.Tensor] | None = None
     best = check(0, 0.0)
+    best_logits = last_logits
     best_state = {k: t.detach().clone() for k, t in adapter.a.items()}, {k: t.detach().clone() for k, t in
                                                                           adapter.b.items()}
     since_best, step, stop = 0, 0, False
@@ -154,7 +193,7 @@ def train_adapter(
             bar.write(f"step {step}: dev accuracy {d['accuracy']:.4f}, loss {d['loss']:.4f}, "
                       f"predicted positive {d['positive_share']:.3f}")
             if d["loss"] < best["loss"]:
-                best, since_best = d, 0
+                best, best_logits, since_best = d, last_logits, 0
                 best_state = ({n: t.detach().clone() for n, t in adapter.a.items()},
                               {n: t.detach().clone() for n, t in adapter.b.items()})
             else:
@@ -172,6 +211,10 @@ def train_adapter(
                 adapter.b[n].copy_(best_state[1][n])
     else:
         best = check(step, epochs)
+    if calibrate and best_logits is not None:  # the checks ran with the offset it started with (0, or init's)
+        more = fit_label_offset(*best_logits)
+        adapter.label_offset = round(adapter.label_offset + more, 4)
+        adapter.meta.update(label_offset=adapter.label_offset, best_calibrated=dev_metrics(*best_logits, offset=more))
     engine.use_adapter(adapter)
     items = sum(r["items"] for r in history["train"])
     adapter.meta.update(
@@ -185,7 +228,8 @@ def train_adapter(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m worker.train_adapter", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--train", action="append", required=True, type=Path, help="labelled JSON Lines or CSV; repeatable")
+    ap.add_argument("--train", action="append", default=[], type=Path,
+                    help="labelled JSON Lines or CSV; repeatable (required unless --epochs 0)")
     ap.add_argument("--dev", action="append", type=Path,
                     help="labelled messages for the dev check; repeatable (default: the shipped zh and en dev sets)")
     ap.add_argument("--out", required=True, type=Path, help="the adapter file to write (.safetensors)")
@@ -194,7 +238,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dev-limit", type=int, help="a balanced subset of this many messages per dev file")
     ap.add_argument("--init", type=Path, metavar="ADAPTER",
                     help="go on training this saved adapter (its rank, alpha and layers) instead of a fresh one")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=2,
+                    help="0 with --init: only check the saved adapter on dev and fit its label offset")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0, help="the low-rank term is scaled by alpha / rank")
     ap.add_argument("--layers", type=int, default=None,
@@ -209,11 +254,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefix-every", type=int, default=4,
                     help="recompute the cached prompt prefix with the adapter every N steps")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="overrides ALLINONE_DTYPE")
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="leave the label offset at 0 (default: fitted on the dev messages at the end)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--history", type=Path, help="write the loss and dev history here (JSON)")
     ap.add_argument("--plot", type=Path, help="write the training curve here (PNG)")
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    if a.epochs < 0 or (a.epochs and not a.train):
+        ap.error("--train is required to train (--epochs 0 with --init only checks and calibrates an adapter)"
+                 if a.epochs > 0 else "--epochs must be 0 or more")
+    if a.epochs == 0 and not a.init:
+        ap.error("--epochs 0 needs --init ADAPTER (the adapter to check and calibrate)")
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter, history = train_adapter(
         engine, train, dev, epochs=a.epochs, rank=a.rank, alpha=a.alpha, layers=a.layers, projections=a.projections,
         lr=a.lr, batch_size=a.batch_size, max_tokens=a.max_tokens, checks_per_epoch=a.checks_per_epoch,
-        patience=a.patience, prefix_every=a.prefix_every, seed=a.seed, progress=not a.no_progress, init=init)
+        patience=a.patience, prefix_every=a.prefix_every, seed=a.seed, progress=not a.no_progress, init=init,
+        calibrate=not a.no_calibrate)
     out = adapter.save(a.out)
     if a.history:
         a.history.parent.mkdir(parents=True, exist_ok=True)
