@@ -303,7 +303,8 @@ def test_the_label_offset_is_the_log_loss_minimum_of_a_known_shift():
 def test_the_trainer_calibrates_and_the_engine_adds_the_offset_to_the_positive_logit(trained, engine, tiny_settings):
     adapter, path, _, after, _ = trained
     assert adapter.label_offset != 0 and adapter.meta["label_offset"] == adapter.label_offset
-    assert adapter.meta["best_calibrated"]["loss"] <= adapter.meta["best"]["loss"] + 1e-6
+    assert adapter.meta["calibrated"]["loss"] <= adapter.meta["best"]["loss"] + 1e-6
+    assert adapter.meta["calibrated"]["dev_n"] == len(TOY[::3])
     loaded = SentimentAdapter.load(path)
     assert loaded.label_offset == adapter.label_offset and loaded.fingerprint == adapter.fingerprint
     # the same matrices without the offset: the negative logit is the same, the positive one lower by the offset
@@ -334,7 +335,9 @@ def test_epochs_0_only_checks_and_calibrates_a_saved_adapter(trained, tmp_path, 
                                "--no-progress"]) == 0
     got = SentimentAdapter.load(out)
     assert all(torch.equal(got.a[n], bare.a[n]) and torch.equal(got.b[n], bare.b[n]) for n in bare.names)
-    assert got.label_offset == pytest.approx(adapter.label_offset, abs=1e-3) and got.meta["steps"] == 0
+    assert got.label_offset == pytest.approx(adapter.label_offset, abs=1e-3)
+    # it keeps the record of its training (not the defaults of a run that trained nothing)
+    assert got.meta["steps"] == adapter.meta["steps"] > 0 and got.meta["lr"] == adapter.meta["lr"]
     capsys.readouterr()
     with pytest.raises(SystemExit):
         train_adapter.main(["--epochs", "0", "--out", str(out)])

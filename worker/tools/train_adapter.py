@@ -130,8 +130,9 @@ def train_adapter(
         projections = init.meta.get("projections", projections)
     # A gradient crosses a frozen projection only inside a LoRA wrapper unless it is a plain Linear (packed bf16
     # and quantised kernels have no backward): below the top adapted layer, every projection must be one of those.
-    blind = [n for n in target_names(engine.model, top, ATTENTION + MLP)
-             if n not in adapter.a and type(engine.model.get_submodule(n)) is not torch.nn.Linear]
+    blind = [] if epochs == 0 else [
+        n for n in target_names(engine.model, top, ATTENTION + MLP)
+        if n not in adapter.a and type(engine.model.get_submodule(n)) is not torch.nn.Linear]
     if blind:
         raise AdapterError(f"{blind[0]} is not a plain Linear and would not pass gradients: train with "
                            "--projections all, or load the model with --dtype float32")
@@ -211,18 +212,24 @@ def train_adapter(
                 adapter.b[n].copy_(best_state[1][n])
     else:
         best = check(step, epochs)
+    items = sum(r["items"] for r in history["train"])
+    if step == 0 and init is not None:  # only checked (and calibrated): it keeps the record of its training
+        adapter.meta = {k: v for k, v in init.meta.items() if k not in ("label_offset", "calibrated")}
+        adapter.meta["best"] = best
+    else:
+        adapter.meta.update(
+            layers=list(top), projections=projections, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
+            prefix_every=prefix_every, seed=seed, train_n=len(train), items_seen=items, steps=step, best=best,
+            seconds=round(time.perf_counter() - t0, 1),
+            train_seconds_per_item=round(train_seconds / max(1, items), 4), stopped_early=stop,
+        )
     if calibrate and best_logits is not None:  # the checks ran with the offset it started with (0, or init's)
         more = fit_label_offset(*best_logits)
         adapter.label_offset = round(adapter.label_offset + more, 4)
-        adapter.meta.update(label_offset=adapter.label_offset, best_calibrated=dev_metrics(*best_logits, offset=more))
+        adapter.meta.update(label_offset=adapter.label_offset, calibrated={
+            "dev_n": len(dev), "quantize": getattr(getattr(engine, "report", None), "quantize", None),
+            **dev_metrics(*best_logits, offset=more)})
     engine.use_adapter(adapter)
-    items = sum(r["items"] for r in history["train"])
-    adapter.meta.update(
-        layers=list(top), projections=projections, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
-        prefix_every=prefix_every, seed=seed, train_n=len(train), items_seen=items, steps=step, best=best,
-        seconds=round(time.perf_counter() - t0, 1),
-        train_seconds_per_item=round(train_seconds / max(1, items), 4), stopped_early=stop,
-    )
     return adapter, history
 
 
@@ -285,8 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {"model": a.model} if a.model else {}
     if a.dtype:
         overrides["dtype"] = a.dtype
-    # Trained on the unquantised weights (quantisation is a deployment choice; the identity is the same).
-    settings = Settings(**overrides, sentiment_head=None, sentiment_adapter=None, quantize="none")
+    # Trained on the unquantised weights (quantisation is a deployment choice; the identity is the same). Only
+    # checked and calibrated (--epochs 0): on the weights as the worker loads them, whose label logits the offset
+    # corrects (on the stand-in, int4 moved the fitted offset from +0.11 to -0.11).
+    if a.epochs > 0:
+        overrides["quantize"] = "none"
+    settings = Settings(**overrides, sentiment_head=None, sentiment_adapter=None)
     init = SentimentAdapter.load(a.init) if a.init else None
     engine = Engine(settings)
     engine.load()
