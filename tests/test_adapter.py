@@ -134,9 +134,8 @@ def test_training_goes_on_from_a_saved_adapter(trained, engine, tmp_path):
     engine.use_adapter(None)
     # Then its first dev check is the saved adapter's own, and the result is another adapter of the same shape
     engine.use_adapter(saved)
-    from worker.tools.train_adapter import dev_check
     with torch.no_grad():
-        start = dev_check(engine, TOY[::3])
+        start = train_adapter.dev_metrics(*train_adapter.dev_logits(engine, TOY[::3]))
     engine.use_adapter(None)
     assert history["dev"][0]["loss"] == pytest.approx(start["loss"], abs=1e-5)
     assert more.names == saved.names and more.rank == saved.rank and more.meta["layers"] == adapter.meta["layers"]

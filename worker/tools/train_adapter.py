@@ -74,11 +74,6 @@ def dev_metrics(logits: torch.Tensor, y: torch.Tensor, offset: float = 0.0) -> d
             "positive_share": (pred == 0).float().mean().item()}
 
 
-def dev_check(engine: Any, dev: list[Example]) -> dict[str, float]:
-    """Accuracy, log-loss and predicted-positive share of the engine's current sentiment on ``dev``."""
-    return dev_metrics(*dev_logits(engine, dev))
-
-
 def fit_label_offset(logits: torch.Tensor, y: torch.Tensor) -> float:
     """The number added to the positive label's logit that minimises the log-loss on ``(logits, y)``: one
     parameter, so a few hundred dev messages pin it down (the log-loss is convex in it)."""
@@ -227,7 +222,7 @@ def train_adapter(
         more = fit_label_offset(*best_logits)
         adapter.label_offset = round(adapter.label_offset + more, 4)
         adapter.meta.update(label_offset=adapter.label_offset, calibrated={
-            "dev_n": len(dev), "quantize": getattr(getattr(engine, "report", None), "quantize", None),
+            "dev_n": len(dev), "quantize": engine.report.quantize,
             **dev_metrics(*best_logits, offset=more)})
     engine.use_adapter(adapter)
     return adapter, history
