@@ -263,9 +263,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--plot", type=Path, help="write the training curve here (PNG)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    if a.epochs < 0 or (a.epochs and not a.train):
-        ap.error("--train is required to train (--epochs 0 with --init only checks and calibrates an adapter)"
-                 if a.epochs > 0 else "--epochs must be 0 or more")
+    if a.epochs < 0:
+        ap.error("--epochs must be 0 or more")
+    if a.epochs > 0 and not a.train:
+        ap.error("--train is required to train (--epochs 0 with --init only checks and calibrates an adapter)")
     if a.epochs == 0 and not a.init:
         ap.error("--epochs 0 needs --init ADAPTER (the adapter to check and calibrate)")
     return a
