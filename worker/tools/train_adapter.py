@@ -274,7 +274,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from worker.engine import Engine
+    from worker.engine import Engine, cpu
     from worker.settings import Settings
 
     train: list[Example] = []
@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     init = SentimentAdapter.load(a.init) if a.init else None
     engine = Engine(settings)
     engine.load()
+    cpu.keep_freed_memory()  # after the load, whose weights are mapped files: a step's buffers are reused
     adapter, history = train_adapter(
         engine, train, dev, epochs=a.epochs, rank=a.rank, alpha=a.alpha, layers=a.layers, projections=a.projections,
         lr=a.lr, batch_size=a.batch_size, max_tokens=a.max_tokens, checks_per_epoch=a.checks_per_epoch,
