@@ -255,6 +255,29 @@ def test_the_trainer_command_runs_end_to_end(tmp_path, tiny_settings, monkeypatc
     assert SentimentAdapter.load(again).fingerprint == SentimentAdapter.load(out).fingerprint == info["fingerprint"]
 
 
+def test_every_check_that_lowers_the_dev_loss_leaves_the_best_adapter_so_far_on_disk(engine, tmp_path):
+    out = tmp_path / "run.safetensors"
+    saved: list[SentimentAdapter] = []
+
+    def checkpoint(best: SentimentAdapter) -> None:
+        best.save(out)
+        saved.append(SentimentAdapter.load(out))
+
+    adapter, history = train_adapter.train_adapter(
+        engine, TOY, TOY[::3], epochs=6, layers=2, batch_size=4, lr=1e-2, checks_per_epoch=1, patience=10,
+        progress=False, checkpoint=checkpoint)
+    engine.use_adapter(None)
+    losses = [d["loss"] for d in history["dev"]]
+    lowered = [d["step"] for i, d in enumerate(history["dev"][1:], 1) if d["loss"] < min(losses[:i])]
+    # Then one file a new best, at its step, not yet calibrated; the last is the kept adapter's matrices
+    assert lowered and [c.meta["checkpoint"]["step"] for c in saved] == lowered
+    assert all(c.label_offset == 0.0 for c in saved) and adapter.label_offset != 0.0
+    last = saved[-1]
+    assert all(torch.equal(last.a[n], adapter.a[n].detach().float()) for n in adapter.names)
+    assert all(torch.equal(last.b[n], adapter.b[n].detach().float()) for n in adapter.names)
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # written beside, renamed over: nothing half-written
+
+
 def test_the_harness_scores_prompt_head_adapter_and_adapter_head_in_one_run(trained, engine, tmp_path, monkeypatch,
                                                                            capsys, tiny_settings):
     from worker.tools import evaluate

@@ -8,4 +8,7 @@ import sys
 from worker.tools.train_adapter import main
 
 if __name__ == "__main__":
+    from worker.engine import cpu
+
+    cpu.keep_freed_memory()  # a training process reuses each step's buffers (why: its docstring)
     sys.exit(main())

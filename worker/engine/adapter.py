@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -280,7 +281,10 @@ class SentimentAdapter:
             tensors[f"{n}.lora_b"] = self.b[n].detach().float().contiguous()
         metadata = {"format": FORMAT, "rank": str(self.rank), "alpha": str(self.alpha),
                     "label_offset": repr(float(self.label_offset)), "meta": json.dumps(self.meta)}
-        save_file(tensors, str(path), metadata=metadata)
+        # Written beside and renamed over: a process killed mid-write (a long training run) leaves the old file.
+        part = path.with_name(path.name + ".part")
+        save_file(tensors, str(part), metadata=metadata)
+        os.replace(part, path)
         return path
 
     @classmethod

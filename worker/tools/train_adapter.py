@@ -20,7 +20,8 @@ label's logit, the log-loss's minimum; ``--no-calibrate`` leaves it at 0): it mo
 the dev messages put it, which an adapter's training on the label words leaves off by a few points of positive share.
 ``--init ADAPTER`` goes on training a saved adapter (on new messages, at another step size): its first dev check is
 that adapter's, so the result is never worse on dev than where it started; ``--init ADAPTER --epochs 0`` only checks
-and calibrates it.
+and calibrates it. ``--out`` is also written at every check that lowers the dev loss (renamed into place), so a run
+stopped early leaves its best check behind.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,7 @@ def train_adapter(
     layers: int | None = None, projections: str = "all", lr: float = 5e-4, batch_size: int = 8, max_tokens: int = 64,
     checks_per_epoch: int = 1, patience: int = 2, prefix_every: int = 4, seed: int = 0, progress: bool = True,
     init: SentimentAdapter | None = None, calibrate: bool = True,
+    checkpoint: Callable[[SentimentAdapter], Any] | None = None,
 ) -> tuple[SentimentAdapter, dict[str, Any]]:
     """Train an adapter on the loaded engine (left with the best adapter in use); returns it and the history.
 
@@ -192,6 +195,10 @@ def train_adapter(
                 best, best_logits, since_best = d, last_logits, 0
                 best_state = ({n: t.detach().clone() for n, t in adapter.a.items()},
                               {n: t.detach().clone() for n, t in adapter.b.items()})
+                if checkpoint is not None:
+                    checkpoint(SentimentAdapter(a=best_state[0], b=best_state[1], rank=adapter.rank,
+                                                alpha=adapter.alpha, label_offset=adapter.label_offset,
+                                                meta={**adapter.meta, "checkpoint": {"step": step, "best": d}}))
             else:
                 since_best += 1
                 if since_best >= patience:
@@ -234,7 +241,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="labelled JSON Lines or CSV; repeatable (required unless --epochs 0)")
     ap.add_argument("--dev", action="append", type=Path,
                     help="labelled messages for the dev check; repeatable (default: the shipped zh and en dev sets)")
-    ap.add_argument("--out", required=True, type=Path, help="the adapter file to write (.safetensors)")
+    ap.add_argument("--out", required=True, type=Path,
+                    help="the adapter file to write (.safetensors); written at every dev check that lowers the dev "
+                    "loss too, so a run stopped early keeps its best check (uncalibrated: calibrate it with "
+                    "--init OUT --epochs 0)")
     ap.add_argument("--model", help="overrides ALLINONE_MODEL")
     ap.add_argument("--limit", type=int, help="a balanced, deterministic subset of this many messages per train file")
     ap.add_argument("--dev-limit", type=int, help="a balanced subset of this many messages per dev file")
@@ -274,7 +284,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from worker.engine import Engine, cpu
+    from worker.engine import Engine
     from worker.settings import Settings
 
     train: list[Example] = []
@@ -297,12 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     init = SentimentAdapter.load(a.init) if a.init else None
     engine = Engine(settings)
     engine.load()
-    cpu.keep_freed_memory()  # after the load, whose weights are mapped files: a step's buffers are reused
     adapter, history = train_adapter(
         engine, train, dev, epochs=a.epochs, rank=a.rank, alpha=a.alpha, layers=a.layers, projections=a.projections,
         lr=a.lr, batch_size=a.batch_size, max_tokens=a.max_tokens, checks_per_epoch=a.checks_per_epoch,
         patience=a.patience, prefix_every=a.prefix_every, seed=a.seed, progress=not a.no_progress, init=init,
-        calibrate=not a.no_calibrate)
+        calibrate=not a.no_calibrate, checkpoint=lambda best: best.save(a.out))
     out = adapter.save(a.out)
     if a.history:
         a.history.parent.mkdir(parents=True, exist_ok=True)
