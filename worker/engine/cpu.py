@@ -62,21 +62,27 @@ def return_freed_memory() -> None:
     resident and fragment: measured on the 0.5B stand-in in int4, peak RSS 1404 MiB → 1135 MiB and steady RSS after
     a sentiment batch 1413 → 975 MiB with a fixed 1 MiB threshold. A ``MALLOC_MMAP_THRESHOLD_`` in the environment
     is the user's own choice and left alone."""
-    import ctypes
     import os
 
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        ok = ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): its own allocator's policy stands
-        return
-    if not ok:
-        log.debug("mallopt(M_MMAP_THRESHOLD) refused")
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        _mallopt((M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (malloc.h)
 M_MMAP_MAX = -4
+
+
+def _mallopt(*params: tuple[int, int]) -> None:
+    """glibc's ``mallopt`` for each (parameter, value); elsewhere (musl, macOS) the allocator's own policy stands."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        refused = [p for p, v in params if not libc.mallopt(p, v)]
+    except (OSError, AttributeError):
+        return
+    if refused:
+        log.debug("mallopt refused parameters %s", refused)
 
 
 def keep_freed_memory() -> None:
@@ -90,18 +96,10 @@ def keep_freed_memory() -> None:
     memory kept. No mappings and no trimming make every block a heap block that the next step reuses; the heap
     then holds the step's peak until the process ends, which is what a training process wants. A
     ``MALLOC_MMAP_MAX_`` in the environment is the user's own choice and left alone."""
-    import ctypes
     import os
 
-    if "MALLOC_MMAP_MAX_" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    except (OSError, AttributeError):  # not glibc: its own allocator's policy stands
-        return
-    if not ok:
-        log.debug("mallopt(M_MMAP_MAX / M_TRIM_THRESHOLD) refused")
+    if "MALLOC_MMAP_MAX_" not in os.environ:
+        _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30))
 
 
 # The row counts :func:`calibrate_dequant_rows` tries below quant.DEQUANT_ROWS: where a CPU's GEMM is fast (AMX: a
