@@ -32,7 +32,10 @@ def set_threads(threads: int) -> None:
 
 # glibc serves an allocation this large or larger from its own mapping, given back to the system when freed.
 MMAP_THRESHOLD = 1 << 20
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+# mallopt's parameter numbers (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 
 
 def huge_pages() -> None:
@@ -66,10 +69,6 @@ def return_freed_memory() -> None:
 
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         _mallopt((M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-
-
-M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (malloc.h)
-M_MMAP_MAX = -4
 
 
 def _mallopt(*params: tuple[int, int]) -> None:
