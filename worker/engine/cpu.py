@@ -30,8 +30,9 @@ def set_threads(threads: int) -> None:
         pass
 
 
-# glibc serves an allocation this large or larger from its own mapping, given back to the system when freed.
-MMAP_THRESHOLD = 1 << 20
+# glibc serves an allocation this large or larger from its own mapping: the largest threshold it accepts on a 64-bit
+# system. Every activation of a forward pass is below it (a 2,048-token pass's widest, [2048, 4864] in bf16, is 19 MiB).
+MMAP_THRESHOLD = 32 << 20
 # mallopt's parameter numbers (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -41,15 +42,14 @@ M_MMAP_MAX = -4
 def huge_pages() -> None:
     """Ask torch to back its buffers of 2 MiB and more with transparent huge pages (Linux; before loading).
 
-    Under :func:`return_freed_memory` every large activation is a fresh mapping, page-faulted in at each use: a
-    2,048-token sentiment pass faults in some 150 MiB a layer, 4 KiB at a time. With ``THP_MEM_ALLOC_ENABLE`` torch
-    aligns such buffers to 2 MiB and advises huge pages for them (``madvise``), so one fault maps 2 MiB. Measured
-    on the Xeon with AMX, bulk sentiment of 192 dev messages: 17.0-17.2 messages/s without, 20.2-22.8 with, peak
-    RSS 1181 and 1178 MiB. torch reads the variable once, at its first allocation: set here, at load, it takes
-    effect in a worker (whose first tensors are the model's); a process that allocated tensors before keeps
-    torch's default. A ``THP_MEM_ALLOC_ENABLE`` in the environment is the user's own choice and left alone, and
-    where the kernel's huge pages are off (``/sys/kernel/mm/transparent_hugepage/enabled`` is ``never``) the
-    advice changes nothing."""
+    A buffer in its own mapping is page-faulted in at each use; with ``THP_MEM_ALLOC_ENABLE`` torch aligns such
+    buffers to 2 MiB and advises huge pages for them (``madvise``), so one fault maps 2 MiB. Measured on the Xeon
+    with AMX, when every activation of 1 MiB and more had its own mapping, bulk sentiment of 192 dev messages:
+    17.0-17.2 messages/s without, 20.2-22.8 with, peak RSS 1181 and 1178 MiB. torch reads the variable once, at
+    its first allocation: set here, at load, it takes effect in a worker (whose first tensors are the model's); a
+    process that allocated tensors before keeps torch's default. A ``THP_MEM_ALLOC_ENABLE`` in the environment is
+    the user's own choice and left alone, and where the kernel's huge pages are off
+    (``/sys/kernel/mm/transparent_hugepage/enabled`` is ``never``) the advice changes nothing."""
     import os
     import sys
 
@@ -57,18 +57,36 @@ def huge_pages() -> None:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
-def return_freed_memory() -> None:
-    """Make freed activation buffers leave the process's resident memory (glibc only; once, before loading).
+def reuse_freed_memory() -> None:
+    """Serve a call's activations from the heap, where the next layer reuses them (glibc only; once, before loading).
 
-    By default glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), so after
-    the first forward pass a batch's activations (tens of MiB) come from the heap, where freed blocks stay
-    resident and fragment: measured on the 0.5B stand-in in int4, peak RSS 1404 MiB → 1135 MiB and steady RSS after
-    a sentiment batch 1413 → 975 MiB with a fixed 1 MiB threshold. A ``MALLOC_MMAP_THRESHOLD_`` in the environment
-    is the user's own choice and left alone."""
+    A forward pass allocates and frees the same few buffers in every layer. Given their own mappings (glibc's
+    way for blocks over its mmap threshold), each is faulted in and zeroed by the kernel again at every use: on
+    the Zen 5 of a later stop, bulk sentiment lost a quarter of its time that way, huge pages or not. In the heap,
+    the second layer reuses the first one's blocks. The threshold is fixed at :data:`MMAP_THRESHOLD` (which also
+    stops glibc from moving it) and the heap is never trimmed on its own in the middle of a pass; the engine gives
+    the freed memory back after each call instead (:func:`give_back_freed_memory`), so the resident memory
+    between calls stays that of the loaded model. A ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` in
+    the environment is the user's own choice and left alone."""
     import os
 
+    params = []
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        _mallopt((M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        params.append((M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        params.append((M_TRIM_THRESHOLD, 1 << 30))
+    _mallopt(*params)
+
+
+def give_back_freed_memory() -> None:
+    """Return the heap's free pages to the system (glibc's ``malloc_trim``; elsewhere nothing): after a call,
+    whatever its activations took is resident no more. It costs the next call the faults of its first layer."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _mallopt(*params: tuple[int, int]) -> None:
@@ -85,16 +103,15 @@ def _mallopt(*params: tuple[int, int]) -> None:
 
 
 def keep_freed_memory() -> None:
-    """Keep freed buffers in the heap for the next step instead of giving them back (glibc only; for training).
+    """Keep every freed buffer in the heap for the next step, and never trim (glibc only; for training).
 
-    The worker gives large freed blocks back (:func:`return_freed_memory`) to keep its resident memory flat
-    between messages. A training step allocates and frees the same few GiB of activations and gradients every
-    step, and glibc serves blocks over 32 MiB from their own mappings whatever the threshold, so each step faulted
-    its buffers in again and the kernel zeroed them: measured on the stand-in (batches of 32 messages, 2 threads),
-    a third of the CPU time in the kernel clearing pages and 20-28 s a batch, against 11 s a batch with freed
-    memory kept. No mappings and no trimming make every block a heap block that the next step reuses; the heap
-    then holds the step's peak until the process ends, which is what a training process wants. A
-    ``MALLOC_MMAP_MAX_`` in the environment is the user's own choice and left alone."""
+    The worker reuses freed blocks within a call and gives them back after it (:func:`reuse_freed_memory`), but
+    glibc serves blocks over 32 MiB from their own mappings whatever the threshold, and a training step's
+    activations and gradients are such blocks: each step faulted them in again and the kernel zeroed them.
+    Measured on the stand-in (batches of 32 messages, 2 threads): a third of the CPU time in the kernel clearing
+    pages and 20-28 s a batch, against 11 s a batch with freed memory kept. No mappings make every block a heap
+    block that the next step reuses; the heap then holds the step's peak until the process ends, which is what a
+    training process wants. A ``MALLOC_MMAP_MAX_`` in the environment is the user's own choice and left alone."""
     import os
 
     if "MALLOC_MMAP_MAX_" not in os.environ:

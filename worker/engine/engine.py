@@ -8,11 +8,12 @@ needed; this class only holds the pieces and hands each call the settings it run
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -30,6 +31,22 @@ from worker.schemas import Sentiment
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def gives_back_memory(method: F) -> F:
+    """After the call, the freed activation memory goes back to the system (:func:`cpu.give_back_freed_memory`):
+    within a call the layers reuse each other's buffers from the heap, between calls the worker holds the model."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            cpu.give_back_freed_memory()
+
+    return cast(F, wrapper)
 
 
 class Engine:
@@ -64,7 +81,7 @@ class Engine:
         dtype = loading.load_dtype(s)
         cpu.set_threads(s.threads)
         cpu.huge_pages()
-        cpu.return_freed_memory()
+        cpu.reuse_freed_memory()
         log.info("loading model %s (dtype %s, %d threads, quantize %s)", s.model, dtype, s.threads,
                  s.resolved_quantize())
         t0 = time.perf_counter()
@@ -97,6 +114,7 @@ class Engine:
             compiled_decode=compiled_decode.is_compiled(self.model),
             dequant_rows=quant.DEQUANT_ROWS if quant.quantized_layers(self.model) else None,
         )
+        cpu.give_back_freed_memory()  # the conversion's and the warm-up's temporaries
         r = self.report
         log.info(
             "model loaded: %s from %s in %.1f s (%s, %d threads, RSS %.0f MiB, weights %.0f MiB, %s); identity %s",
@@ -212,6 +230,7 @@ class Engine:
         """A message's own tokens in the sentiment prompt: its text (cut to the token budget) and the suffix."""
         return self.sentiment.message_ids(text, self.settings.sentiment_max_tokens)
 
+    @gives_back_memory
     def score(self, texts: list[str], batch_size: int | None = None, layers: tuple[int, ...] | None = None) -> Scores:
         """Label logits and hidden states of many messages, batched, on the cached prefix.
 
@@ -226,6 +245,7 @@ class Engine:
             batch_tokens=self.settings.resolved_batch_tokens(self.report.dtype),
         )
 
+    @gives_back_memory
     def score_plain(self, text: str) -> Scores:
         """The reference: the whole prompt in one ordinary forward pass (tests and the benchmark compare)."""
         return self.sentiment.score_plain(text, self.settings.sentiment_max_tokens)
@@ -256,6 +276,7 @@ class Engine:
         """The reply prompt's token ids [1, T] and how many earlier turns it holds."""
         return self.replier.prompt_ids(history, text, self.settings)
 
+    @gives_back_memory
     def reply(
         self, history: list[tuple[str, str]], text: str, on_text: Callable[[str], None] | None = None
     ) -> Reply:
@@ -263,6 +284,7 @@ class Engine:
         ``on_text`` gets its text as it is written (the pieces of a streamed reply)."""
         return self.replier.reply(history, text, self.settings, on_text=on_text)
 
+    @gives_back_memory
     def reply_batch(self, items: list[tuple[list[tuple[str, str]], str]]) -> list[Reply]:
         """Replies to several (earlier turns, text) pairs decoded together in one batch (the bulk path); under
         greedy decoding each equals its own :meth:`reply`."""

@@ -102,8 +102,9 @@ def _buffer(numel: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
     """``numel`` elements to dequantise into: one buffer per dtype reused by every layer when ``reuse`` (the
     weight is consumed by the GEMM right after), else fresh memory (autograd may keep the weight for backward).
 
-    Reused because the engine returns freed blocks of 1 MiB and more to the system (cpu.return_freed_memory):
-    fresh weight-sized buffers at every call were page faults that cost more than the GEMM they fed."""
+    Reused because fresh weight-sized buffers at every call were page faults that cost more than the GEMM they fed
+    (measured when every block of 1 MiB and more had its own mapping; the heap reuses blocks now,
+    cpu.reuse_freed_memory, and one buffer still keeps a pass's memory to one weight's size)."""
     if not reuse:
         return torch.empty(numel, dtype=dtype)
     buffers = _scratch.__dict__.setdefault("by_dtype", {})
