@@ -268,6 +268,20 @@ def test_the_quantised_cache_is_read_back_equal_and_aligned(tmp_path):
         assert torch.equal(back[k], t) and back[k].dtype == t.dtype and back[k].data_ptr() % 64 == 0
 
 
+def test_every_engine_call_gives_its_freed_memory_back_after_it(tiny_model_dir, tmp_path, monkeypatch):
+    engine = engine_for(tiny_model_dir, tmp_path)
+    calls: list[str] = []
+    monkeypatch.setattr(cpu, "give_back_freed_memory", lambda: calls.append("trim"))
+    engine.classify(TEXTS[:3])
+    engine.score_plain(TEXTS[0])
+    engine.reply([], "hello")
+    engine.reply_batch([([], "hello"), ([], "good day")])
+    assert calls == ["trim"] * 4
+    with pytest.raises(ValueError):  # a call that fails gives its memory back too
+        engine.score(TEXTS[:1], layers=(99,))
+    assert len(calls) == 5
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_a_calls_buffers_are_reused_from_the_heap_and_given_back_after_it():
     # Under the engine's policy a forward pass's freed buffers (here 12 MiB, over glibc's default threshold) are

@@ -99,6 +99,7 @@ class Engine:
             self.head = self._load_head(s.sentiment_head)
         if s.compile_decode and compiled_decode.compile_decode(self.model):
             compiled_decode.warm_up(self.model, self._decode_a_little)
+        cpu.give_back_freed_memory()  # the conversion's and the warm-up's temporaries, before the RSS is read
         self.report = LoadReport(
             model=s.model,
             source=loaded.source,
@@ -114,7 +115,6 @@ class Engine:
             compiled_decode=compiled_decode.is_compiled(self.model),
             dequant_rows=quant.DEQUANT_ROWS if quant.quantized_layers(self.model) else None,
         )
-        cpu.give_back_freed_memory()  # the conversion's and the warm-up's temporaries
         r = self.report
         log.info(
             "model loaded: %s from %s in %.1f s (%s, %d threads, RSS %.0f MiB, weights %.0f MiB, %s); identity %s",
