@@ -6,6 +6,7 @@ Nothing here changes what the model computes beyond the rounding of its dtype an
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -62,7 +63,7 @@ def reuse_freed_memory() -> None:
 
     A forward pass allocates and frees the same few buffers in every layer. Given their own mappings (glibc's
     way for blocks over its mmap threshold), each is faulted in and zeroed by the kernel again at every use: on
-    the Zen 5 of a later stop, bulk sentiment lost a quarter of its time that way, huge pages or not. In the heap,
+    the Zen 5 of a later stop, large passes ran 10-25 % faster without that, huge pages or not. In the heap,
     the second layer reuses the first one's blocks. The threshold is fixed at :data:`MMAP_THRESHOLD` (which also
     stops glibc from moving it) and the heap is never trimmed on its own in the middle of a pass; the engine gives
     the freed memory back after each call instead (:func:`give_back_freed_memory`), so the resident memory
@@ -81,29 +82,36 @@ def reuse_freed_memory() -> None:
 def give_back_freed_memory() -> None:
     """Return the heap's free pages to the system (glibc's ``malloc_trim``; elsewhere nothing): after a call,
     whatever its activations took is resident no more. It costs the next call the faults of its first layer."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
-def _mallopt(*params: tuple[int, int]) -> None:
-    """glibc's ``mallopt`` for each (parameter, value); elsewhere (musl, macOS) the allocator's own policy stands."""
+@functools.cache
+def _glibc() -> Any:
+    """The C library when it is glibc (``mallopt``, ``malloc_trim``); None elsewhere (musl, macOS), where the
+    allocator's own policy stands."""
     import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        refused = [p for p, v in params if not libc.mallopt(p, v)]
-    except (OSError, AttributeError):
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def _mallopt(*params: tuple[int, int]) -> None:
+    """glibc's ``mallopt`` for each (parameter, value); elsewhere the allocator's own policy stands."""
+    libc = _glibc()
+    if libc is None:
         return
+    refused = [p for p, v in params if not libc.mallopt(p, v)]
     if refused:
         log.debug("mallopt refused parameters %s", refused)
 
 
 def keep_freed_memory() -> None:
-    """Keep every freed buffer in the heap for the next step, and never trim (glibc only; for training).
+    """Keep every freed buffer in the heap for the next step, however large (glibc only; for training).
 
     The worker reuses freed blocks within a call and gives them back after it (:func:`reuse_freed_memory`), but
     glibc serves blocks over 32 MiB from their own mappings whatever the threshold, and a training step's
