@@ -34,6 +34,8 @@ def set_threads(threads: int) -> None:
 # glibc serves an allocation this large or larger from its own mapping: the largest threshold it accepts on a 64-bit
 # system. Every activation of a forward pass is below it (a 2,048-token pass's widest, [2048, 4864] in bf16, is 19 MiB).
 MMAP_THRESHOLD = 32 << 20
+# A trim threshold no free heap top reaches: glibc never gives memory back by itself, only when asked.
+NO_SELF_TRIM = 1 << 30
 # mallopt's parameter numbers (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -75,7 +77,7 @@ def reuse_freed_memory() -> None:
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         params.append((M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        params.append((M_TRIM_THRESHOLD, 1 << 30))
+        params.append((M_TRIM_THRESHOLD, NO_SELF_TRIM))
     _mallopt(*params)
 
 
@@ -123,7 +125,7 @@ def keep_freed_memory() -> None:
     import os
 
     if "MALLOC_MMAP_MAX_" not in os.environ:
-        _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30))
+        _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NO_SELF_TRIM))
 
 
 # The row counts :func:`calibrate_dequant_rows` tries below quant.DEQUANT_ROWS: where a CPU's GEMM is fast (AMX: a
