@@ -148,3 +148,24 @@ def test_packed_bf16_model_keeps_fast_and_plain_scores_together(tiny_model_dir, 
     plain = torch.cat([engine.score_plain(t).label_logits for t in MIXED])
     torch.testing.assert_close(fast.label_logits, plain, atol=0.05, rtol=0.02)
     assert engine.reply([], "hello").new_tokens > 0
+
+
+def test_a_reference_child_that_crashes_is_named_by_its_signal_and_leaves_its_figures_null(capsys):
+    """llama.cpp crashing inside its own kernels (ggml's AMX path faulted on one machine) must not pass for a
+    hang or an empty answer: the bench says which signal stopped it and reports no reference figures."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from worker.tools import bench_reference
+
+    ref = bench_reference.Reference.__new__(bench_reference.Reference)
+    ref.timeout, ref.rounds = 60, []
+    ref.stderr = tempfile.TemporaryFile(mode="w+")
+    crash = "import os, signal, sys; sys.stdin.readline(); os.kill(os.getpid(), signal.SIGSEGV)"
+    ref.proc = subprocess.Popen([sys.executable, "-c", crash], text=True, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=ref.stderr)
+    assert ref.round() is None
+    assert f"killed by {signal.SIGSEGV.name}" in capsys.readouterr().err
+    assert ref.finish() == dict.fromkeys(bench_reference.KEYS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,17 @@ def reference_main(request_json: str) -> None:
         rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
         _say({"tokens_per_second": rate, "first_token_seconds": times[0] - t0})
     _say({"reference_load_seconds": load, "reference_peak_rss_bytes": peak_rss_bytes()})
+
+
+def _exit_reason(code: int) -> str:
+    """A child's return code in words: a crash inside llama.cpp shows as a signal (ggml's AMX kernels faulted with
+    SIGSEGV on a virtual machine that has AMX; a build without them runs, docs/benchmark.md)."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def _say(obj: dict[str, Any]) -> None:
@@ -124,7 +136,7 @@ class Reference:
             return dict(json.loads(line))
         self.proc.kill()
         self.stderr.seek(0)
-        print(f"llama.cpp reference failed ({'timed out' if not ready else self.proc.wait()}): "
+        print(f"llama.cpp reference failed ({'timed out' if not ready else _exit_reason(self.proc.wait())}): "
               f"{self.stderr.read()[-1000:]}", file=sys.stderr)
         self.proc = None
         return None
