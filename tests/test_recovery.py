@@ -191,3 +191,54 @@ def test_a_task_that_just_ended_is_not_put_back_on_its_way_to_the_acknowledgemen
         # Then it is not put back: nothing would run it a second time
         assert put_back_orphans(store, app, ["live"]) == set()
         assert redis.Redis.from_url(redis_url).llen("live") == 0
+
+
+def test_records_of_messages_a_live_worker_dropped_are_released_and_the_messages_put_back(redis_url, monkeypatch):
+    # Given two messages the broker delivered and holds unacknowledged, both recorded by one live worker, and that
+    # worker's Celery, after its broker connection dropped while Redis was down, keeps only one of them in memory
+    # (the other was forgotten by Consumer.on_close, and kombu's restore at close could not reach Redis)
+    app = make_celery(Settings(redis_url=redis_url))
+    store = RedisStore(redis.Redis.from_url(redis_url, decode_responses=True))
+    store.heartbeat("w1", {"pid": 1}, ttl=15)  # alive: reclaim leaves its records alone
+    contract.send_turn(app, "m-kept", "c", "live")
+    contract.send_turn(app, "m-dropped", "c", "live")
+    r = redis.Redis.from_url(redis_url)
+    with app.connection_for_read() as conn:
+        taken = [conn.channel().basic_get("live", no_ack=False) for _ in range(2)]
+        dropped, kept = sorted(taken, key=lambda m: m.decode()[0][0]["message_id"])
+        for msg in (kept, dropped):
+            store.hold("w1", HeldTask(task_id=msg.headers["id"], task=contract.CLASSIFY, queue="live",
+                                      delivery_tag=msg.delivery_tag, payloads=[], received_at=100.0))
+        monkeypatch.setattr(recovery, "ORPHAN_AFTER_SECONDS", 0.0)
+        monkeypatch.setattr(recovery, "ORPHAN_SECOND_LOOK_SECONDS", 0.0)
+        assert put_back_orphans(store, app, ["live"]) == set()  # held: nobody may put them back
+        in_memory = {kept.headers["id"]}
+        # When the worker compares its records with what Celery holds: not before a record has had time to become
+        # Celery's own request too
+        assert recovery.release_dropped(store, "w1", in_memory, now=100.0 + recovery.DROPPED_AFTER_SECONDS) == []
+        gone = recovery.release_dropped(store, "w1", in_memory, now=101.0 + recovery.DROPPED_AFTER_SECONDS)
+        # Then only the dropped one's record goes, and the next look puts its message back on its queue
+        assert gone == [dropped.headers["id"]]
+        assert [t.task_id for t in store.held_by("w1")] == [kept.headers["id"]]
+        assert put_back_orphans(store, app, ["live"]) == {dropped.delivery_tag}
+        assert r.llen("live") == 1 and r.hexists("unacked", kept.delivery_tag)
+
+
+def test_the_worker_reads_the_tasks_celery_holds_in_memory(monkeypatch):
+    # The solo pool keeps received and countdown-waiting requests in this process; any other pool keeps them in
+    # another, where nothing can be compared (and nothing is released).
+    from celery.worker import state
+
+    from worker import runtime
+    from worker.app import app as worker_app
+
+    class Req:
+        def __init__(self, id: str) -> None:
+            self.id = id
+
+    waiting = Req("t-countdown")
+    monkeypatch.setattr(state, "requests", {"t-running": Req("t-running")})
+    monkeypatch.setattr(state, "scheduled_requests", {waiting})
+    assert runtime._tasks_in_memory() == {"t-running", "t-countdown"}
+    monkeypatch.setitem(worker_app.conf, "worker_pool", "prefork")
+    assert runtime._tasks_in_memory() is None

@@ -40,6 +40,9 @@ RECLAIM_SCAN_SECONDS = 1.0
 # record it: far longer than the moment between the two records, far shorter than the heartbeat TTL.
 ORPHAN_AFTER_SECONDS = 5.0
 ORPHAN_SECOND_LOOK_SECONDS = 0.5
+# A record of ours this old whose task Celery no longer has in memory was dropped by Celery (release_dropped): far
+# longer than the moment between our record (task_received) and Celery's own.
+DROPPED_AFTER_SECONDS = 5.0
 
 
 def reclaim(store: ResultsStore, app: Celery, me: str) -> list[HeldTask]:
@@ -145,6 +148,26 @@ def sweep_stale(
     if sent:
         log.warning("re-enqueued %d turn(s) whose task was lost: %s", len(sent), sent[:10])
     return sent
+
+
+def release_dropped(store: ResultsStore, me: str, kept: set[str], now: float | None = None) -> list[str]:
+    """Drop this live worker's records of task messages Celery no longer has (``kept``: the ids it still holds in
+    memory, received or waiting for their countdown); returns their ids.
+
+    When the broker connection drops, Celery forgets what it received but did not run (``Consumer.on_close``), for
+    the broker to deliver again; kombu's restore at close needs Redis, and while Redis is down the messages stay in
+    its unacknowledged set. Our records of them would then keep :func:`put_back_orphans` off them (a worker holds
+    them) and :func:`reclaim` too (that worker is alive): they came back only after the visibility timeout, and
+    their conversations waited as long (seen in the chaos run). Released, they are orphans and go back in seconds."""
+    now = time.time() if now is None else now
+    gone = [t.task_id for t in store.held_by(me)
+            if t.task_id not in kept and now - t.received_at > DROPPED_AFTER_SECONDS]
+    for task_id in gone:
+        store.release(me, task_id)
+    if gone:
+        log.warning("released %d held record(s) of task messages the worker no longer has (a lost broker "
+                    "connection): %s", len(gone), gone[:10])
+    return gone
 
 
 def recover(store: ResultsStore, app: Celery, me: str, settings: Settings) -> None:

@@ -85,6 +85,9 @@ def _beat(s: Settings) -> None:
             _heartbeat(s)
         try:
             assert _store is not None
+            kept = _tasks_in_memory()
+            if kept is not None:
+                recovery.release_dropped(_store, _name, kept)
             recovery.recover(_store, app, _name, s)
         except Exception as e:  # Redis away: the claimed records wait in our list for the next pass
             log.warning("putting back dead workers' messages failed: %s", e)
@@ -96,6 +99,22 @@ def _beat(s: Settings) -> None:
             except Exception as e:  # Redis away: try again next time
                 log.warning("stale sweep failed: %s", e)
         _stop.wait(recovery.RECLAIM_SCAN_SECONDS)
+
+
+def _tasks_in_memory() -> set[str] | None:
+    """The ids of the task messages Celery holds in this process (received, running or waiting for a countdown);
+    None where that cannot be read: another pool than solo keeps them in another process, or they changed while
+    read from this thread (the next pass reads them again)."""
+    from celery.worker import state
+
+    from worker.app import app
+
+    if app.conf.worker_pool != "solo":
+        return None
+    try:
+        return set(state.requests) | {r.id for r in list(getattr(state, "scheduled_requests", ()))}
+    except RuntimeError:
+        return None
 
 
 def hold(task: HeldTask) -> None:
