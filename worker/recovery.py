@@ -8,7 +8,9 @@ Two ways work gets lost, two remedies, both run by every live worker's heartbeat
   head of their queue (:func:`reclaim`). A worker that is merely busy keeps beating and is never robbed.
   A worker records a message a moment after the broker recorded its delivery: one killed in that moment leaves a
   message the broker holds unacknowledged and no worker holds; it is put back after ``ORPHAN_AFTER_SECONDS``
-  (:func:`put_back_orphans`). Redis's own redelivery after the visibility timeout stays as the last resort.
+  (:func:`put_back_orphans`). A live worker whose broker connection dropped holds records of messages Celery
+  forgot; it releases them so they count as orphans (:func:`release_dropped`). Redis's own redelivery after the
+  visibility timeout stays as the last resort.
 - **A message vanishes before any worker recorded it**: Celery's Redis transport takes a message off the queue
   (BRPOP) before it records it as unacknowledged, so a worker killed between the two, or a Redis restart with the
   message in flight, loses it for good. The store still knows every unfinished turn submitted one by one (its
