@@ -152,20 +152,32 @@ def test_the_sweep_leaves_alone_a_turn_a_worker_holds(app):
     assert sweep_stale(store, app, stale_after_seconds=30, default_queue="live") == ["lost"]
 
 
+def delivered(app: Celery, conn, *message_ids: str) -> list:
+    """Turns sent to the live queue and taken off it through ``conn`` without an acknowledgement, so the broker
+    holds them unacknowledged while ``conn`` is open; the messages in the order of ``message_ids``."""
+    for mid in message_ids:
+        contract.send_turn(app, mid, "c", "live")
+    taken = [conn.channel().basic_get("live", no_ack=False) for _ in message_ids]
+    by_id = {m.decode()[0][0]["message_id"]: m for m in taken}
+    return [by_id[mid] for mid in message_ids]
+
+
+def hold_delivery(store: RedisStore, worker: str, msg, received_at: float) -> None:
+    """``worker``'s record of holding the delivered message ``msg``."""
+    store.hold(worker, HeldTask(task_id=msg.headers["id"], task=contract.CLASSIFY, queue="live",
+                                delivery_tag=msg.delivery_tag, payloads=[], received_at=received_at))
+
+
 @pytest.mark.integration
 def test_a_message_taken_by_a_worker_that_died_before_recording_it_is_put_back(redis_url, monkeypatch):
     # Given two messages the broker delivered and holds unacknowledged: one a worker holds, one nobody holds (its
     # worker died between the broker's record and its own)
     app = make_celery(Settings(redis_url=redis_url))
     store = RedisStore(redis.Redis.from_url(redis_url, decode_responses=True))
-    contract.send_turn(app, "m-held", "c", "live")
-    contract.send_turn(app, "m-orphan", "c", "live")
     r = redis.Redis.from_url(redis_url)
     with app.connection_for_read() as conn:
-        taken = [conn.channel().basic_get("live", no_ack=False) for _ in range(2)]
-        held_msg, orphan = sorted(taken, key=lambda m: m.decode()[0][0]["message_id"])
-        store.hold("w1", HeldTask(task_id=held_msg.headers["id"], task=contract.CLASSIFY, queue="live",
-                                  delivery_tag=held_msg.delivery_tag, payloads=[], received_at=0.0))
+        held_msg, orphan = delivered(app, conn, "m-held", "m-orphan")
+        hold_delivery(store, "w1", held_msg, received_at=0.0)
         # When a worker looks, once they are older than the moment a worker needs to record what it took
         assert put_back_orphans(store, app, ["live"]) == set()  # too recent: its worker may be recording it
         monkeypatch.setattr(recovery, "ORPHAN_AFTER_SECONDS", 0.0)
@@ -200,15 +212,11 @@ def test_records_of_messages_a_live_worker_dropped_are_released_and_the_messages
     app = make_celery(Settings(redis_url=redis_url))
     store = RedisStore(redis.Redis.from_url(redis_url, decode_responses=True))
     store.heartbeat("w1", {"pid": 1}, ttl=15)  # alive: reclaim leaves its records alone
-    contract.send_turn(app, "m-kept", "c", "live")
-    contract.send_turn(app, "m-dropped", "c", "live")
     r = redis.Redis.from_url(redis_url)
     with app.connection_for_read() as conn:
-        taken = [conn.channel().basic_get("live", no_ack=False) for _ in range(2)]
-        dropped, kept = sorted(taken, key=lambda m: m.decode()[0][0]["message_id"])
+        kept, dropped = delivered(app, conn, "m-kept", "m-dropped")
         for msg in (kept, dropped):
-            store.hold("w1", HeldTask(task_id=msg.headers["id"], task=contract.CLASSIFY, queue="live",
-                                      delivery_tag=msg.delivery_tag, payloads=[], received_at=100.0))
+            hold_delivery(store, "w1", msg, received_at=100.0)
         monkeypatch.setattr(recovery, "ORPHAN_AFTER_SECONDS", 0.0)
         monkeypatch.setattr(recovery, "ORPHAN_SECOND_LOOK_SECONDS", 0.0)
         assert put_back_orphans(store, app, ["live"]) == set()  # held: nobody may put them back
