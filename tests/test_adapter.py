@@ -295,14 +295,20 @@ def test_the_harness_scores_prompt_head_adapter_and_adapter_head_in_one_run(trai
     for k, v in {"ALLINONE_MODEL": tiny_settings.model, "ALLINONE_DTYPE": "float32", "ALLINONE_THREADS": "1"}.items():
         monkeypatch.setenv(k, v)
     # When the harness runs with both heads and the adapter
+    rows = tmp_path / "rows.jsonl"
     assert evaluate.main(["--data", str(data), "--no-baseline", "--json", "--head", str(head), "--adapter", str(path),
-                          "--adapter-head", str(adapter_head)]) == 0
+                          "--adapter-head", str(adapter_head), "--predictions", str(rows)]) == 0
     r = json.loads(capsys.readouterr().out)
     # Then the four are measured on the same messages, each with its own speed
     v = r["variants"]
     assert list(v) == ["prompt+head", "prompt", "prompt+adapter+head", "prompt+adapter"]
     assert all(m["n"] == len(TOY) and m["messages_per_second"] > 0 for m in v.values())
     assert v["prompt+adapter"]["accuracy"] > v["prompt"]["accuracy"]
+    # and every message's four predictions are written, each method's right answers adding up to its accuracy
+    written = [json.loads(line) for line in rows.read_text(encoding="utf-8").splitlines()]
+    assert [w["text"] for w in written] == [e.text for e in TOY]
+    for name, m in v.items():
+        assert sum(w[name]["correct"] for w in written) == round(m["accuracy"] * len(TOY))
     # and the text report shows them all
     png = tmp_path / "p.png"
     assert evaluate.main(["--data", str(data), "--no-baseline", "--adapter", str(path), "--plot", str(png)]) == 0

@@ -105,6 +105,37 @@ def test_harness_reads_csv_with_a_limit_and_prints_a_text_report(tmp_path, capsy
     assert "accuracy" in text and "messages/s" in text
 
 
+def test_predictions_file_holds_every_message_with_each_method_as_the_report_counts_it(tmp_path, capsys,
+                                                                                       tiny_settings):
+    # Given a test split with a train split beside it (two methods: the prompt and the baseline)
+    test_path, rows = _write_split(tmp_path, "toy.test.jsonl", 6)
+    _write_split(tmp_path, "toy.train.jsonl", 6)
+    out = tmp_path / "rows.jsonl"
+    # When the harness writes its predictions
+    r = json.loads(_run_cli(capsys, ["--data", str(test_path), "--json", "--predictions", str(out)], tiny_settings))
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    # Then one row per message, in order, with its gold label
+    assert [(w["index"], w["text"], w["label"]) for w in written] == [
+        (i, row["text"], row["label"]) for i, row in enumerate(rows)]
+    # each method's labels give back the report's confusion matrix, and P(positive) agrees with the label
+    for name, m in (("prompt", r), ("baseline", r["baseline"])):
+        preds = [w[name]["label"] for w in written]
+        assert metrics.confusion_matrix([w["label"] for w in written], preds) == m["confusion_matrix"]
+        assert all(w[name]["correct"] == (w[name]["label"] == w["label"]) for w in written)
+    assert all((w["prompt"]["p_positive"] >= 0.5) == (w["prompt"]["label"] == P) for w in written)
+    assert "p_positive" not in written[0]["baseline"]  # TF-IDF + logistic regression: labels alone
+    # and the printed report carries none of it
+    assert "items" not in json.dumps(r)
+
+
+def test_predictions_of_several_sets_go_to_one_file_each(tmp_path, capsys, tiny_settings):
+    a, _ = _write_split(tmp_path, "a.jsonl", 2)
+    b, _ = _write_split(tmp_path, "b.jsonl", 3)
+    _run_cli(capsys, ["--data", str(a), "--data", str(b), "--predictions", str(tmp_path / "p.jsonl")], tiny_settings)
+    assert len((tmp_path / "p-a.jsonl").read_text().splitlines()) == 4
+    assert len((tmp_path / "p-b.jsonl").read_text().splitlines()) == 6
+
+
 def test_harness_matches_engine_classify(tiny_engine):
     # The harness reads the same sentiments as Engine.classify, the worker's code path.
     ex = [Example(t, P) for t in POS_TEXTS] + [Example(t, N) for t in NEG_TEXTS]

@@ -1,7 +1,7 @@
 """Measure sentiment against labelled messages: the worker's own code path, a trained baseline beside it.
 
     python -m worker.evaluate [--data FILE ...] [--split test|dev] [--limit 400] [--json] [--plot out.png]
-        [--head HEAD] [--adapter ADAPTER [--adapter-head HEAD]]
+        [--head HEAD] [--adapter ADAPTER [--adapter-head HEAD]] [--predictions out.jsonl]
 
 Without ``--data`` it scores the sets shipped with the product (the zh and the en test set, or ``--split dev``), each
 reported on its own. The model is loaded once, as the worker loads it (``Settings`` from the environment, overridden
@@ -9,7 +9,8 @@ by ``--model`` and ``--head``), and every message goes through ``Engine.score`` 
 exactly what ``Engine.classify`` runs. When a train split is found (``xx.test.jsonl`` -> ``xx.train.jsonl`` beside
 it or among the rebuilt sets, see ``worker.tools.datasets``) or given, the TF-IDF baseline is fitted on it and scored
 on the same messages in the same run. With ``--adapter`` the messages are scored a second time with the sentiment
-adapter on, so prompt, head, adapter and adapter + head are measured on the same run.
+adapter on, so prompt, head, adapter and adapter + head are measured on the same run. ``--predictions`` writes every
+message with its gold label and each method's label and P(positive), one JSON object a line, for reading the errors.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from worker.tools.datasets import Example, balanced_subset, find_train_split, re
 from worker.tools.metrics import NEG, POS, roc_auc, summarize
 
 
+# The per-message results of a method inside its report (its label and P(positive) for each message, in order): for
+# --predictions, never printed with the report.
+ITEMS = "items"
+
+
 def score(engine: Any, examples: Sequence[Example]) -> dict[str, Any]:
     """Every metric of the engine as it is set up (adapter, head) on ``examples``; with a head, also the prompt
     read from the same forward pass (``"prompt"``)."""
@@ -40,7 +46,9 @@ def score(engine: Any, examples: Sequence[Example]) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     y_pred = [s.label for s in sentiments]
     report = summarize(y_true, y_pred, [s.confidence for s in sentiments])
-    report["auc"] = roc_auc([s.confidence if s.label == POS else 1 - s.confidence for s in sentiments], y_true)
+    p_pos = [s.confidence if s.label == POS else 1 - s.confidence for s in sentiments]
+    report["auc"] = roc_auc(p_pos, y_true)
+    report[ITEMS] = [{"label": label, "p_positive": q} for label, q in zip(y_pred, p_pos, strict=True)]
     report["method"] = sentiments[0].method if sentiments else "prompt"
     report["messages_per_second"] = len(texts) / seconds if seconds > 0 else 0.0
     report["seconds"] = seconds
@@ -50,6 +58,7 @@ def score(engine: Any, examples: Sequence[Example]) -> dict[str, Any]:
         prompt = [Sentiment.from_p_positive(q) for q in p]
         report["prompt"] = summarize(y_true, [x.label for x in prompt], [x.confidence for x in prompt])
         report["prompt"]["auc"] = roc_auc(p, y_true)
+        report["prompt"][ITEMS] = [{"label": x.label, "p_positive": q} for x, q in zip(prompt, p, strict=True)]
     return report
 
 
@@ -85,10 +94,38 @@ def run(engine: Any, examples: Sequence[Example], train: Sequence[Example] | Non
         t1 = time.perf_counter()
         base = baseline_predict(train, [e.text for e in examples])
         report["baseline"] = summarize([e.label for e in examples], base)
+        report["baseline"][ITEMS] = [{"label": label} for label in base]  # a TF-IDF classifier's labels alone
         report["baseline"]["seconds"] = time.perf_counter() - t1
         report["baseline_accuracy"] = report["baseline"]["accuracy"]
         report["baseline_train_n"] = len(train)
     return report
+
+
+def methods(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every method a report measured, by name: prompt, head, adapter, adapter + head, and the baseline."""
+    out = dict(report["variants"]) if "variants" in report else variants(report)
+    if "baseline" in report:
+        out["baseline"] = report["baseline"]
+    return out
+
+
+def predictions(report: dict[str, Any], examples: Sequence[Example]) -> list[dict[str, Any]]:
+    """One row per message, in the order scored: its text, its gold label, and each method's label (and
+    P(positive), the baseline's aside), with whether it was right."""
+    by_method = methods(report)
+    rows = []
+    for i, ex in enumerate(examples):
+        row: dict[str, Any] = {"index": i, "text": ex.text, "label": ex.label}
+        for name, m in by_method.items():
+            item = m[ITEMS][i]
+            row[name] = {**item, "correct": item["label"] == ex.label}
+        rows.append(row)
+    return rows
+
+
+def without_items(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without its per-message results, at any depth (what ``--json`` prints)."""
+    return {k: without_items(v) if isinstance(v, dict) else v for k, v in report.items() if k != ITEMS}
 
 
 def text_report(r: dict[str, Any], title: str) -> str:
@@ -121,7 +158,8 @@ def text_report(r: dict[str, Any], title: str) -> str:
 
 
 def plot_path(plot: str, data: Path, several: bool) -> Path:
-    """``--plot`` as given for one data set; with several, each set's name goes before the suffix."""
+    """``--plot`` (or ``--predictions``) as given for one data set; with several, each set's name goes before the
+    suffix."""
     p = Path(plot)
     return p.with_name(f"{p.stem}-{data.stem}{p.suffix}") if several else p
 
@@ -148,6 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-baseline", action="store_true", help="skip the TF-IDF baseline")
     ap.add_argument("--json", action="store_true", help="one JSON object per data set on stdout")
     ap.add_argument("--plot", help="write a PNG per data set: confusion matrix and reliability diagram")
+    ap.add_argument("--predictions", help="write a JSON Lines file per data set: every message, its gold label and "
+                    "each method's label and P(positive)")
     ap.add_argument("--format", choices=["jsonl", "csv"], help="input format (default: from the suffix)")
     ap.add_argument("--text-field", default="text")
     ap.add_argument("--label-field", default="label")
@@ -208,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
                 shown = v.get("prompt+adapter+head") or v["prompt+adapter"]
             title = f"{path.name}: {shown['method']} on {engine.identity.name}"
             plot(shown, plot_path(a.plot, path, len(sets) > 1), title=title)
+        if a.predictions:
+            out = plot_path(a.predictions, path, len(sets) > 1)
+            with out.open("w", encoding="utf-8") as f:
+                for row in predictions(report, examples):
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        report = without_items(report)
         if a.json:
             print(json.dumps(report), flush=True)
         else:
