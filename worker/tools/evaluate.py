@@ -29,7 +29,6 @@ from worker.tools.baseline import baseline_predict
 from worker.tools.datasets import Example, balanced_subset, find_train_split, read_examples
 from worker.tools.metrics import NEG, POS, roc_auc, summarize
 
-
 # The per-message results of a method inside its report (its label and P(positive) for each message, in order): for
 # --predictions, never printed with the report.
 ITEMS = "items"
