@@ -21,21 +21,42 @@ def _inputs(lengths: list[int], prefix: int, heads: int = 4, kv_heads: int = 2, 
     return module, q, k, v
 
 
-def test_message_by_message_equals_the_masked_pass():
+# Inference (the worker's passes) runs two matrix products a message; training (gradients on) one SDPA call each.
+PATHS = {"inference": torch.inference_mode, "training": torch.enable_grad}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_message_by_message_equals_the_masked_pass(path):
     lengths, prefix = [3, 1, 5, 2], 6
     module, q, k, v = _inputs(lengths, prefix)
     _, _, mask, _ = pack([[1] * n for n in lengths], prefix_len=prefix)
     # Without packed lengths the function is transformers' SDPA attention with the block-diagonal mask
     masked, _ = packed_sdpa_attention(module, q, k, v, mask, scaling=0.5)
-    packed, _ = packed_sdpa_attention(module, q, k, v, mask, scaling=0.5, packed_lengths=lengths)
+    with PATHS[path]():
+        packed, _ = packed_sdpa_attention(module, q, k, v, mask, scaling=0.5, packed_lengths=lengths)
+        # and a message's output depends on the prefix and its own tokens only
+        k2 = k.clone()
+        k2[:, :, prefix + 4:] += 1.0  # the keys of messages 2 and 3
+        moved, _ = packed_sdpa_attention(module, q, k2, v, mask, scaling=0.5, packed_lengths=lengths)
     assert packed.shape == masked.shape == (1, sum(lengths), 4, 8)
     torch.testing.assert_close(packed, masked)
-    # and a message's output depends on the prefix and its own tokens only
-    k2 = k.clone()
-    k2[:, :, prefix + 4:] += 1.0  # the keys of messages 2 and 3
-    moved, _ = packed_sdpa_attention(module, q, k2, v, mask, scaling=0.5, packed_lengths=lengths)
     torch.testing.assert_close(moved[:, :4], packed[:, :4])
     assert not torch.allclose(moved[:, 4:], packed[:, 4:])
+
+
+def test_in_bf16_the_inference_path_stays_within_bf16_rounding_of_float32():
+    # The products round the scores to bf16 before the softmax (as transformers' eager attention does); SDPA keeps
+    # them in float32. Both must stay close to the float32 result, the products within twice SDPA's own error.
+    lengths, prefix = [40, 7, 64], 120
+    module, q, k, v = _inputs(lengths, prefix, heads=14, kv_heads=2, dim=64)
+    ref, _ = packed_sdpa_attention(module, q, k, v, None, packed_lengths=lengths)  # float32, SDPA
+    lo = [t.to(torch.bfloat16) for t in (q, k, v)]
+    with torch.inference_mode():
+        fast, _ = packed_sdpa_attention(module, *lo, None, packed_lengths=lengths)
+    sdpa, _ = packed_sdpa_attention(module, *lo, None, packed_lengths=lengths)
+    assert fast.dtype == torch.bfloat16 and fast.shape == ref.shape
+    fast_err, sdpa_err = (fast.float() - ref).abs(), (sdpa.float() - ref).abs()
+    assert fast_err.mean() <= 2 * sdpa_err.mean() and fast_err.max() <= 0.05
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])

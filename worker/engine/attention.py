@@ -4,8 +4,9 @@
 prefix. Its block-diagonal mask is right for any attention implementation, but an implementation that takes a mask
 computes every one of the T x (P + T) scores and then discards most of the T x T part: for 16 messages of ~38 tokens
 behind a 269-token prefix that is 1.7x the scores the messages need, and attention was a quarter of a bulk pass.
-Here each message's queries meet the prefix's keys and its own (one SDPA call each), which computes only the scores
-that count.
+Here each message's queries meet the prefix's keys and its own, which computes only the scores that count: at
+inference as two matrix products with a softmax between them (:func:`_packed_products`: too few queries a message
+for the SDPA kernel's blocking), in training one SDPA call each.
 
 **Decode steps.** With one new token per row, torch's CPU SDPA kernel (flash) spends its time on blocking made for
 long queries: 124 us a layer for one row over 100 keys, 677 us for eight rows, where two small float32 matmuls and a
@@ -19,6 +20,7 @@ transformers' SDPA attention, call for call.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -41,13 +43,15 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             return decode_attention(query, key, value, attention_mask, scaling), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    # Keys and values stay at their own head count (SDPA's enable_gqa): each message copies the prefix's keys for
-    # its call, and repeated to the query heads first that copy was 7x larger (attention ~10 % slower).
-    gqa = query.shape[1] != key.shape[1]
     total = query.shape[2]
     prefix = key.shape[2] - total
     if sum(packed_lengths) != total or prefix < 0:
         raise ValueError(f"packed lengths {sum(packed_lengths)} do not add up to the pass's {total} tokens")
+    if not torch.is_grad_enabled() and dropout == 0.0:
+        return _packed_products(query, key, value, packed_lengths, scaling), None
+    # Keys and values stay at their own head count (SDPA's enable_gqa): each message copies the prefix's keys for
+    # its call, and repeated to the query heads first that copy was 7x larger (attention ~10 % slower).
+    gqa = query.shape[1] != key.shape[1]
     outs, start = [], 0
     for n in packed_lengths:
         own = slice(prefix + start, prefix + start + n)
@@ -59,6 +63,44 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             query[:, :, start:start + n], k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
         start += n
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=256)
+def _later(n: int) -> torch.Tensor:
+    """Which of a message's own ``n`` keys each of its queries must not see (its later tokens), [n, n] bool; every
+    prefix key is seen. The same in every layer of a pass, so made once."""
+    return torch.ones(n, n, dtype=torch.bool).triu(diagonal=1)
+
+
+def _packed_products(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+                     scaling: float | None) -> torch.Tensor:
+    """A packed pass's attention, message by message, as two matrix products with a softmax between them, in the
+    activations' dtype: transformers' eager attention, but the softmax written in that dtype. [1, T, heads, d].
+
+    Why not SDPA here: a message's ~40 queries over ~300 keys are too few for its CPU kernel, which ran them at
+    ~100 GFLOP/s, a fifth of a bulk pass on Zen 5; the two batched products (the kv heads as the batch, each serving
+    its query heads' rows at once) and a mask on the message's own keys alone take about a third of that time
+    (docs/benchmark.md). The scores are rounded to the activations' dtype before the softmax, as in transformers'
+    eager attention; training keeps SDPA (it stores less for backward)."""
+    _, heads, total, d = query.shape
+    kv = key.shape[1]
+    prefix = key.shape[2] - total
+    scale = scaling if scaling is not None else d**-0.5
+    out = torch.empty(1, total, heads, d, dtype=query.dtype)
+    start = 0
+    for n in lengths:
+        own = slice(prefix + start, prefix + start + n)
+        k = torch.cat([key[0, :, :prefix], key[0, :, own]], dim=1)  # [kv, P + n, d]
+        v = torch.cat([value[0, :, :prefix], value[0, :, own]], dim=1)
+        # [heads, n, d] -> [kv, group * n, d]: head h is kv head h // group's, as in SDPA's enable_gqa
+        q = query[0, :, start:start + n].reshape(kv, heads // kv * n, d)
+        scores = torch.bmm(q, k.transpose(1, 2)).view(kv, heads // kv, n, prefix + n).mul_(scale)
+        scores[..., prefix:].masked_fill_(_later(n), float("-inf"))  # only the message's own block has any
+        weights = torch.softmax(scores, dim=-1)  # computed in float32 by torch's kernel, rounded once
+        o = torch.bmm(weights.view(kv, heads // kv * n, prefix + n), v)  # [kv, group * n, d]
+        out[0, start:start + n].copy_(o.view(heads, n, d).transpose(0, 1))
+        start += n
+    return out
 
 
 # What some models add to SDPA's inputs (capped logits, a learned bias, attention sinks): their decode steps keep SDPA.
