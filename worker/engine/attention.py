@@ -35,7 +35,8 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           packed_lengths: list[int] | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, or, given ``packed_lengths`` (the token count of each packed message),
-    one SDPA call per message over the prefix's keys and the message's own.
+    each message's queries over the prefix's keys and its own: two matrix products a message at inference
+    (:func:`_packed_products`), one SDPA call a message when gradients are on (training).
 
     ``query`` [1, heads, T, d]; ``key``/``value`` [1, kv_heads, P + T, d], the P cached prefix positions first."""
     if packed_lengths is None:
