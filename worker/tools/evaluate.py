@@ -156,10 +156,10 @@ def text_report(r: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
-def plot_path(plot: str, data: Path, several: bool) -> Path:
-    """``--plot`` (or ``--predictions``) as given for one data set; with several, each set's name goes before the
-    suffix."""
-    p = Path(plot)
+def set_path(given: str, data: Path, several: bool) -> Path:
+    """An output file (``--plot``, ``--predictions``) as given for one data set; with several, each set's name goes
+    before the suffix."""
+    p = Path(given)
     return p.with_name(f"{p.stem}-{data.stem}{p.suffix}") if several else p
 
 
@@ -246,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                 v = report["variants"]
                 shown = v.get("prompt+adapter+head") or v["prompt+adapter"]
             title = f"{path.name}: {shown['method']} on {engine.identity.name}"
-            plot(shown, plot_path(a.plot, path, len(sets) > 1), title=title)
+            plot(shown, set_path(a.plot, path, len(sets) > 1), title=title)
         if a.predictions:
-            out = plot_path(a.predictions, path, len(sets) > 1)
+            out = set_path(a.predictions, path, len(sets) > 1)
             with out.open("w", encoding="utf-8") as f:
                 for row in predictions(report, examples):
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
