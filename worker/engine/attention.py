@@ -21,6 +21,7 @@ transformers' SDPA attention, call for call.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -53,17 +54,25 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     # Keys and values stay at their own head count (SDPA's enable_gqa): each message copies the prefix's keys for
     # its call, and repeated to the query heads first that copy was 7x larger (attention ~10 % slower).
     gqa = query.shape[1] != key.shape[1]
-    outs, start = [], 0
-    for n in packed_lengths:
-        own = slice(prefix + start, prefix + start + n)
-        k = torch.cat([key[:, :, :prefix], key[:, :, own]], dim=2)
-        v = torch.cat([value[:, :, :prefix], value[:, :, own]], dim=2)
+    outs = []
+    for start, n, k, v in _messages(key, value, packed_lengths, prefix):
         # The prefix whole, then the message causally: query i sees prefix + i + 1 keys.
         mask = torch.ones(n, prefix + n, dtype=torch.bool).tril(diagonal=prefix)
         outs.append(torch.nn.functional.scaled_dot_product_attention(
             query[:, :, start:start + n], k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
-        start += n
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _messages(key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+              prefix: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """For each packed message: where its tokens start in the pass, how many, and the keys and values it attends
+    over (the prefix's, then its own), [1, kv_heads, prefix + n, d] each."""
+    start = 0
+    for n in lengths:
+        own = slice(prefix + start, prefix + start + n)
+        yield (start, n, torch.cat([key[:, :, :prefix], key[:, :, own]], dim=2),
+               torch.cat([value[:, :, :prefix], value[:, :, own]], dim=2))
+        start += n
 
 
 @functools.lru_cache(maxsize=256)
@@ -88,11 +97,8 @@ def _packed_products(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     prefix = key.shape[2] - total
     scale = scaling if scaling is not None else d**-0.5
     out = torch.empty(1, total, heads, d, dtype=query.dtype)
-    start = 0
-    for n in lengths:
-        own = slice(prefix + start, prefix + start + n)
-        k = torch.cat([key[0, :, :prefix], key[0, :, own]], dim=1)  # [kv, P + n, d]
-        v = torch.cat([value[0, :, :prefix], value[0, :, own]], dim=1)
+    for start, n, k, v in _messages(key, value, lengths, prefix):
+        k, v = k[0], v[0]  # [kv, P + n, d]
         # [heads, n, d] -> [kv, group * n, d]: head h is kv head h // group's, as in SDPA's enable_gqa
         q = query[0, :, start:start + n].reshape(kv, heads // kv * n, d)
         scores = torch.bmm(q, k.transpose(1, 2)).view(kv, heads // kv, n, prefix + n).mul_(scale)
@@ -100,7 +106,6 @@ def _packed_products(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         weights = torch.softmax(scores, dim=-1)  # computed in float32 by torch's kernel, rounded once
         o = torch.bmm(weights.view(kv, heads // kv * n, prefix + n), v)  # [kv, group * n, d]
         out[0, start:start + n].copy_(o.view(heads, n, d).transpose(0, 1))
-        start += n
     return out
 
 
