@@ -38,6 +38,24 @@ def test_the_report_and_the_log_name_the_model_identity(tiny_settings, caplog):
     assert after.startswith("model loaded") and engine.identity.fingerprint in after and "RSS" in after
 
 
+@pytest.mark.parametrize("policy, warned", [("PASSIVE", True), ("passive", True), ("ACTIVE", False), (None, False)])
+def test_a_passive_openmp_wait_policy_is_warned_of_at_load(monkeypatch, caplog, policy, warned):
+    import torch
+
+    from worker.engine import cpu
+
+    # Given the environment's OpenMP wait policy
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    # When the engine sets its threads (to what they are: the process's threads stay as the suite has them)
+    with caplog.at_level(logging.WARNING, logger="worker.engine.cpu"):
+        cpu.set_threads(torch.get_num_threads())
+    # Then only a passive policy, which halved reply decoding, is named in a warning
+    assert ("OMP_WAIT_POLICY=PASSIVE" in caplog.text) == warned
+
+
 def test_constructing_an_engine_loads_nothing(tiny_settings):
     engine = Engine(tiny_settings)
     assert not engine.loaded and engine.report is None and engine.model is None

@@ -23,7 +23,16 @@ log = logging.getLogger(__name__)
 
 
 def set_threads(threads: int) -> None:
-    """Before anything runs in parallel: interop threads can only be set once per process."""
+    """Before anything runs in parallel: interop threads can only be set once per process.
+
+    Warns when the environment tells OpenMP to put its threads to sleep between parallel regions: a decode step is
+    ~170 short regions, and with ``OMP_WAIT_POLICY=PASSIVE`` replies decoded at half the rate (docs/benchmark.md).
+    The default already stops spinning after a short while, so an idle worker does not hold the cores."""
+    import os
+
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        log.warning("OMP_WAIT_POLICY=PASSIVE: the model's threads sleep between its many short parallel steps, "
+                    "which halved reply decoding where measured; unset it unless the cores must be shared")
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
