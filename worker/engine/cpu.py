@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +30,6 @@ def set_threads(threads: int) -> None:
     Warns when the environment tells OpenMP to put its threads to sleep between parallel regions: a decode step is
     ~170 short regions, and with ``OMP_WAIT_POLICY=PASSIVE`` replies decoded at half the rate (docs/benchmark.md).
     The default already stops spinning after a short while, so an idle worker does not hold the cores."""
-    import os
-
     if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
         log.warning("OMP_WAIT_POLICY=PASSIVE: the model's threads sleep between its many short parallel steps, "
                     "which halved reply decoding where measured; unset it unless the cores must be shared")
@@ -62,9 +62,6 @@ def huge_pages() -> None:
     process that allocated tensors before keeps torch's default. A ``THP_MEM_ALLOC_ENABLE`` in the environment is
     the user's own choice and left alone, and where the kernel's huge pages are off
     (``/sys/kernel/mm/transparent_hugepage/enabled`` is ``never``) the advice changes nothing."""
-    import os
-    import sys
-
     if sys.platform.startswith("linux"):
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
@@ -80,8 +77,6 @@ def reuse_freed_memory() -> None:
     the freed memory back after each call instead (:func:`give_back_freed_memory`), so the resident memory
     between calls stays that of the loaded model. A ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` in
     the environment is the user's own choice and left alone."""
-    import os
-
     params = []
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         params.append((M_MMAP_THRESHOLD, MMAP_THRESHOLD))
@@ -131,8 +126,6 @@ def keep_freed_memory() -> None:
     pages and 20-28 s a batch, against 11 s a batch with freed memory kept. No mappings make every block a heap
     block that the next step reuses; the heap then holds the step's peak until the process ends, which is what a
     training process wants. A ``MALLOC_MMAP_MAX_`` in the environment is the user's own choice and left alone."""
-    import os
-
     if "MALLOC_MMAP_MAX_" not in os.environ:
         _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NO_SELF_TRIM))
 
